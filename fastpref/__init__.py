@@ -1,0 +1,10 @@
+"""fastpref: preference-optimization losses straight from hidden states and the LM head, no logits tensor.
+
+Layer 1 is :func:`sequence_logprobs` (fused Triton kernels, or chunked PyTorch); layer 2 are the loss
+heads in :mod:`fastpref.losses`. See ``README.md``.
+"""
+
+from .logprobs import SequenceLogProbs, sequence_logprobs
+
+__version__ = "0.1.0"
+__all__ = ["SequenceLogProbs", "sequence_logprobs", "__version__"]

@@ -1,0 +1,245 @@
+"""``sequence_logprobs``: per-sequence log-probs from last hidden states and the LM head, no logits tensor.
+
+For a batch of S sequences with hidden states ``h_t``, head ``W [V, D]`` (bias ``b``), next-token labels
+``y_t`` and segment ids (0 = not scored, 1 = prompt, 2 = response)::
+
+    z_t     = s * (W h_t + b)                (softcap: c * tanh(z / c))
+    lp_t    = z_{t, y_t} - logsumexp_v z_tv  (fp32)
+    logp_i  = sum_{t in response(i)} lp_t,   plogp_i = sum_{t in prompt(i)} lp_t
+
+(``../shared/METHODS.md`` section 0.) Only scored rows are computed: response rows always, prompt rows only
+when ``segment_ids`` marks a prompt, and in backward only rows whose gradient weight is non-zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._autograd import TokenLogProbs
+from ._validation import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    raise_failed_checks,
+    require_finite_number,
+    require_same_device,
+    require_tensor,
+)
+
+PROMPT, RESPONSE = 1, 2
+BACKENDS = ("auto", "triton", "torch")
+REDUCTIONS = ("sum", "mean")
+
+
+class SequenceLogProbs(NamedTuple):
+    """Per-sequence results of :func:`sequence_logprobs`, each ``[S]`` (fp32; float64 for float64 inputs).
+
+    ``response`` / ``prompt``: the segment's summed (or, with ``reduction="mean"``, averaged) token log-probs;
+    an empty segment gives 0. ``n_response`` / ``n_prompt``: the segment's number of scored tokens (as
+    floats, exact below 2**24). ``token_logps``: per-token log-probs shaped like ``labels`` (0 where not
+    scored), only with ``return_token_logps=True``.
+    """
+
+    response: torch.Tensor
+    prompt: torch.Tensor
+    n_response: torch.Tensor
+    n_prompt: torch.Tensor
+    token_logps: Optional[torch.Tensor] = None
+
+
+class _Layout(NamedTuple):
+    hidden2d: torch.Tensor  # [N, D], unit stride in D
+    labels: torch.Tensor  # [N] int64
+    segments: torch.Tensor  # [N] int64 in {0, 1, 2}, 0 wherever the label is ignore_index
+    sequence: torch.Tensor  # [N] int64 sequence index of each row
+    num_sequences: int
+
+
+def _triton_usable(device: torch.device) -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from fastpref.kernels.config import interpreter_active
+
+    return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
+
+
+def _resolve_backend(backend: str, hidden: torch.Tensor):
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if hidden.device.type == "cuda" and _triton_usable(hidden.device) else "torch"
+    if backend == "triton":
+        if not _triton_usable(hidden.device):
+            raise ValueError(
+                f"`backend='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an importable "
+                f"triton; got a {hidden.device.type} tensor. Use backend='torch' or 'auto'."
+            )
+        if hidden.dtype == torch.float64:
+            raise TypeError("`hidden` is float64, which the triton backend does not take; use backend='torch'")
+        from .backends import triton_fused
+
+        return triton_fused
+    from .backends import torch_chunked
+
+    return torch_chunked
+
+
+def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate) -> _Layout:
+    require_tensor("hidden", hidden, dims=(2, 3), dtypes=FLOAT_DTYPES)
+    require_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
+    require_tensor("labels", labels, dtypes=INT_DTYPES)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"`weight` has dtype {weight.dtype} but `hidden` has {hidden.dtype}; they must match")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"`weight` is {tuple(weight.shape)} but `hidden` has hidden size {hidden.shape[-1]}")
+    if weight.shape[0] == 0 or hidden.shape[-1] == 0:
+        raise ValueError(f"`weight` must have a non-empty vocabulary and hidden size, got {tuple(weight.shape)}")
+    if bias is not None:
+        require_tensor("bias", bias, dims=(1,), dtypes=FLOAT_DTYPES)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"`bias` has {bias.shape[0]} entries but `weight` has vocabulary {weight.shape[0]}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"`bias` has dtype {bias.dtype} but `weight` has {weight.dtype}; they must match")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"`labels` is {tuple(labels.shape)} but `hidden` is {tuple(hidden.shape)}; expected {tuple(hidden.shape[:-1])}")
+    if segment_ids is not None:
+        require_tensor("segment_ids", segment_ids, dtypes=INT_DTYPES + (torch.bool,))
+        if segment_ids.shape != labels.shape:
+            raise ValueError(f"`segment_ids` is {tuple(segment_ids.shape)} but `labels` is {tuple(labels.shape)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"`ignore_index` must be an int, got {type(ignore_index).__name__}")
+    require_same_device("hidden", hidden, weight=weight, bias=bias, labels=labels, segment_ids=segment_ids, cu_seqlens=cu_seqlens)
+
+    D = hidden.shape[-1]
+    if hidden.dim() == 3:
+        if cu_seqlens is not None:
+            raise ValueError("`cu_seqlens` goes with packed `hidden` [N, D]; padded `hidden` [B, T, D] must not pass it")
+        B, T = hidden.shape[:2]
+        if B == 0 or T == 0:
+            raise ValueError(f"`hidden` holds no tokens: shape {tuple(hidden.shape)}")
+        num_sequences = B
+        sequence = torch.arange(B * T, device=hidden.device) // T
+    else:
+        if cu_seqlens is None:
+            raise ValueError("packed `hidden` [N, D] needs `cu_seqlens` [S+1]; pass padded hidden as [B, T, D]")
+        require_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=INT_DTYPES)
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"`cu_seqlens` must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
+        num_sequences = cu_seqlens.numel() - 1
+        sequence = torch.searchsorted(cu_seqlens[1:].long().contiguous(), torch.arange(hidden.shape[0], device=hidden.device), right=True)
+
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != ignore_index
+    if segment_ids is None:
+        segments = torch.where(valid, RESPONSE, 0)
+    else:
+        raw = segment_ids.reshape(-1).long()
+        segments = torch.where(valid, raw, 0)
+    V = weight.shape[0]
+    checks = []
+    if validate:
+        checks.append((f"`labels` holds values outside [0, {V}) that are not ignore_index={ignore_index}",
+                       (valid & ((flat_labels < 0) | (flat_labels >= V))).any()))
+        if segment_ids is not None:
+            raw = segment_ids.reshape(-1).long()
+            checks.append(("`segment_ids` holds values outside {0, 1, 2} (0 = not scored, 1 = prompt, 2 = response)",
+                           ((raw < 0) | (raw > 2)).any()))
+        if cu_seqlens is not None:
+            cu = cu_seqlens.long()
+            checks.append((f"`cu_seqlens` must start at 0, be strictly increasing and end at N={hidden.shape[0]}",
+                           (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
+        scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
+            0, sequence.clamp(max=num_sequences - 1), (segments > 0).long())
+        checks.append(("a sequence has no scored token (every label is ignore_index or its segment id is 0); "
+                       "drop it from the batch", (scored_per_seq == 0).any()))
+        checks.append(("`hidden` holds non-finite values", ~torch.isfinite(hidden).all()))
+        checks.append(("`weight` holds non-finite values", ~torch.isfinite(weight).all()))
+        if bias is not None:
+            checks.append(("`bias` holds non-finite values", ~torch.isfinite(bias).all()))
+    raise_failed_checks(checks)
+    hidden2d = hidden.reshape(-1, D)
+    if hidden2d.stride(-1) != 1:
+        hidden2d = hidden2d.contiguous()
+    return _Layout(hidden2d, flat_labels, segments, sequence, num_sequences)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    segment_ids: Optional[torch.Tensor] = None,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "sum",
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    return_token_logps: bool = False,
+    validate: bool = True,
+) -> SequenceLogProbs:
+    """Sum (or mean) of token log-probs per sequence segment, computed from hidden states and the head.
+
+    Args:
+        hidden: last hidden states, padded ``[B, T, D]`` or packed ``[N, D]`` with ``cu_seqlens``.
+        weight: LM head ``[V, D]`` (same dtype as ``hidden``: float32, bfloat16, float16; float64 on the
+            torch backend).
+        labels: next-token target of each hidden row (already shifted), ``[B, T]`` or ``[N]``;
+            ``ignore_index`` marks rows that are not scored.
+        segment_ids: same shape as ``labels``: 0 = not scored, 1 = prompt, 2 = response. ``None``: every row
+            whose label is not ``ignore_index`` is response. A row is scored when its segment is 1 or 2 and
+            its label is not ``ignore_index``; prompt rows are computed only when some row is marked 1.
+        bias: optional head bias ``[V]``.
+        reduction: ``"sum"`` or ``"mean"`` (each segment divided by its length; an empty segment gives 0).
+        logit_scale: multiplies the logits (``z = s * (W h + b)``).
+        softcap: ``c`` applies ``c * tanh(z / c)`` to the logits (Gemma 2's final-logit softcapping).
+        cu_seqlens: ``[S+1]`` offsets of the packed sequences (flash-attention varlen convention).
+        backend: ``"triton"`` (fused kernels: CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``),
+            ``"torch"`` (chunked PyTorch, any device, bounded memory), ``"auto"`` (triton on CUDA, else torch).
+        return_token_logps: also return per-token log-probs (differentiable), shaped like ``labels``.
+        validate: run the data-dependent checks (label range, segment ids, finite values, ``cu_seqlens``
+            order, sequences with no scored token), which cost one device synchronization. Shape, dtype
+            and device checks always run.
+
+    Returns:
+        :class:`SequenceLogProbs`. Gradients flow to ``hidden``, ``weight`` and ``bias`` from ``response``,
+        ``prompt`` and ``token_logps``. Under ``torch.no_grad()`` (a reference model) nothing is saved.
+
+    Raises:
+        TypeError / ValueError naming the offending argument, before any kernel runs.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
+    if softcap is not None:
+        softcap = require_finite_number("softcap", softcap, positive=True)
+    layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate)
+    impl = _resolve_backend(backend, hidden)
+    hidden2d, flat_labels, segments, sequence, S = layout
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+
+    rows = torch.nonzero(segments > 0).squeeze(1)
+    row_labels = flat_labels.index_select(0, rows)
+    options = {"logit_scale": logit_scale, "softcap": softcap}
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    if needs_grad:
+        lp = TokenLogProbs.apply(hidden2d, weight, bias, rows, row_labels, impl, options)
+    else:
+        lp, _ = impl.forward(hidden2d, weight, bias, rows, row_labels, **options)
+
+    slot = sequence.index_select(0, rows) * 2 + (segments.index_select(0, rows) == PROMPT).long()
+    totals = torch.zeros(2 * S, dtype=lp.dtype, device=lp.device).index_add(0, slot, lp).view(S, 2)
+    counts = torch.bincount(slot, minlength=2 * S).to(lp.dtype).view(S, 2)
+    if reduction == "mean":
+        totals = totals / counts.clamp(min=1)
+    token_logps = None
+    if return_token_logps:
+        token_logps = torch.zeros(hidden2d.shape[0], dtype=lp.dtype, device=lp.device).index_put((rows,), lp)
+        token_logps = token_logps.view(labels.shape)
+    return SequenceLogProbs(totals[:, 0], totals[:, 1], counts[:, 0], counts[:, 1], token_logps)

@@ -1,0 +1,9 @@
+"""Triton device code and thin launchers for fastpref (installed as ``fastpref.kernels``).
+
+No autograd lives here: ``fastpref`` wraps these launchers in ``torch.autograd.Function``s.
+
+- ``logits_tile``: device helpers shared by every kernel that rebuilds a tile of logits.
+- ``linear_logprob_forward``: online log-sum-exp + target logit per scored row (split vocabulary).
+- ``linear_logprob_backward``: ``dH``, ``dW``, ``db`` from one gradient weight per scored row.
+- ``config``: block sizes, interpreter detection, output-buffer allocation (poisoned in tests).
+"""
