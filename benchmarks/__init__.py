@@ -1,0 +1,1 @@
+"""GPU correctness checks and benchmarks for fastpref (see benchmarks/README.md)."""

@@ -1,0 +1,163 @@
+"""Shared pieces of the benchmark scripts: the anchors' input protocol, timing, memory, result files.
+
+Inputs and timing follow ``shared/anchors/anchor_bench.py`` (the protocol the anchor numbers in DESIGN.md
+were taken with): Gaussian logits of std ~2.5 (or 'peaked' ones), bf16, prompt rows labelled -100, two
+warm-up steps, median of CUDA-event timings, peak memory above the allocation after warm-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def make_inputs(pairs, T, D, V, prompt_frac, device, *, dtype=torch.bfloat16, seed=0, peaked=0.0):
+    """``W [V, D]``, policy ``H [2*pairs, T, D]``, reference ``Href``, labels with the prompt at -100."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    B = 2 * pairs
+    W = (torch.randn(V, D, device=device, generator=g) * 0.02).to(dtype)
+    scale = 2.5 / (0.02 * D**0.5)
+    labels = torch.randint(0, V, (B, T), device=device, generator=g)
+    H = torch.randn(B, T, D, device=device, generator=g) * scale
+    if peaked:
+        Wl = W.float()[labels]
+        H = H + peaked * Wl / Wl.pow(2).sum(-1, keepdim=True)
+    H = H.to(dtype)
+    Href = (H.float() + 0.1 * scale * torch.randn(B, T, D, device=device, generator=g)).to(dtype)
+    lab = labels.clone()
+    lab[:, : int(T * prompt_frac)] = -100
+    return W, H, Href, lab
+
+
+def dpo_from_logps(pol, ref, beta=0.1):
+    c, r = pol.chunk(2)
+    rc, rr = ref.chunk(2)
+    return -F.logsigmoid(beta * ((c - rc) - (r - rr))).mean()
+
+
+def naive_logps(H, W, lab):
+    """TRL-style: materialize logits, log_softmax, gather, mask, sum."""
+    logits = (H @ W.t()).float()
+    lp = torch.log_softmax(logits, -1)
+    m = lab != -100
+    tok = torch.gather(lp, -1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (tok * m).sum(-1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Timer:
+    """CUDA events on the GPU, perf_counter elsewhere; milliseconds."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.s, self.e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.s.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.e.record()
+            torch.cuda.synchronize()
+            self.ms = self.s.elapsed_time(self.e)
+        else:
+            self.ms = (time.perf_counter() - self.t0) * 1e3
+
+
+def bench(name: str, step: Callable, params: list, device, iters: int, warmup: int = 2) -> dict:
+    """Median step time and peak extra memory (GiB above what is allocated after warm-up).
+
+    ``step()`` runs one step and returns ``(loss, parts)`` where ``parts`` maps a phase name to its ms
+    (measured inside the step, e.g. forward / backward); parts are reported as medians too.
+    """
+    _sync(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    for _ in range(warmup):
+        for p in params:
+            p.grad = None
+        step()
+    _sync(device)
+    for p in params:
+        p.grad = None
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, parts = [], {}
+    loss = None
+    for _ in range(iters):
+        for p in params:
+            p.grad = None
+        with Timer(device) as t:
+            loss, ph = step()
+        times.append(t.ms)
+        for k, v in ph.items():
+            parts.setdefault(k, []).append(v)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    row = {"impl": name, "median_ms": med(times), "min_ms": min(times), "peak_extra_gib": peak, "loss": float(loss)}
+    row.update({f"{k}_ms": med(v) for k, v in parts.items()})
+    return row
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    for pkg in ("triton", "transformers", "trl", "liger-kernel", "cut-cross-entropy", "fastpref"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    if torch.cuda.is_available():
+        out["device"] = torch.cuda.get_device_name()
+        out["cuda"] = torch.version.cuda
+    else:
+        out["device"] = f"cpu ({platform.processor() or platform.machine()})"
+    return out
+
+
+def write_results(out_dir: str, stem: str, meta: dict, rows: list[dict], table: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
+        f.write(table)
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format)."""
+    head = "| " + " | ".join(h for _, h, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for key, _, fmt in columns:
+            v = r.get(key)
+            cells.append("" if v is None else (format(v, fmt) if isinstance(v, (int, float)) else str(v)))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def optional_import(name: str) -> Optional[object]:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None

@@ -1,0 +1,18 @@
+"""The GPU check script runs end to end on tiny CPU shapes (its correctness section must pass)."""
+
+import json
+
+from benchmarks import head_check
+
+
+import pytest
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_check_smoke(tmp_path, backend):
+    assert head_check.main(["--smoke", "--backend", backend, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "head_check.json").read_text())
+    checks = [r for r in data["rows"] if "case" in r]
+    assert len(checks) == 4 and all(r["pass"] for r in checks)
+    assert any(r.get("impl") == "fastpref" and r["median_ms"] > 0 for r in data["rows"])
+    assert (tmp_path / "head_check.md").read_text().startswith("# Fused head check")
