@@ -1,0 +1,88 @@
+"""DRDO (seed ``004``): reward distillation from an oracle plus a focal preference term, METHODS.md section 6."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import Checker
+from ._ops import log1mexp, pair_metrics
+
+
+def drdo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_reward: torch.Tensor,
+    rejected_reward: torch.Tensor,
+    oracle_chosen: torch.Tensor,
+    oracle_rejected: torch.Tensor,
+    *,
+    alpha: float = 0.1,
+    gamma: float = 2.0,
+):
+    r"""DRDO loss (seed 004; METHODS.md section 6), reference-free::
+
+        p_w  = sigma(logp_w - logp_l)
+        L_i  = ( R*_w - R*_l - (rhat_w - rhat_l) )^2  -  alpha (1 - p_w)^gamma ( logp_w - log1mexp(logp_l) )
+        loss = mean_i L_i
+
+    ``chosen_reward`` / ``rejected_reward`` are the student reward head's outputs ``rhat`` (differentiable),
+    ``oracle_*`` the oracle rewards ``R*`` (data).  The focal factor ``(1 - p_w)^gamma =
+    exp(gamma log sigma(logp_l - logp_w))`` is **not** detached (the seed's gradient, eq. 48-50, differentiates
+    it).  ``log1mexp(logp_l) = log(1 - pi(y_l))`` needs ``rejected_logps < 0``.  Defaults ``alpha = 0.1``,
+    ``gamma = 2`` (the seed's best); ``gamma`` must be >= 0.
+
+    Metrics: the DPO six with the student rewards ``rhat`` as ``rewards/*``, plus ``drdo/distill`` (mean squared
+    term), ``drdo/focal`` (mean focal term before ``alpha``) and ``drdo/p_chosen`` (mean ``p_w``).
+    """
+    ck = Checker("drdo_loss")
+    cw = ck.floats("chosen_logps", chosen_logps)
+    n = cw.numel()
+    cl = ck.floats("rejected_logps", rejected_logps, n)
+    hw = ck.floats("chosen_reward", chosen_reward, n)
+    hl = ck.floats("rejected_reward", rejected_reward, n)
+    ow = ck.floats("oracle_chosen", oracle_chosen, n)
+    ol = ck.floats("oracle_rejected", oracle_rejected, n)
+    alpha = ck.number("alpha", alpha, ge=0.0)
+    gamma = ck.number("gamma", gamma, ge=0.0)
+    ck.negative("rejected_logps", cl, "log1mexp(logp_l) = log(1 - pi(y_l)) needs pi(y_l) < 1")
+    cw, cl, hw, hl, ow, ol = (ck.cast(x) for x in (cw, cl, hw, hl, ow, ol))
+
+    distill = ((ow - ol) - (hw - hl)).pow(2)
+    focal_factor = torch.exp(gamma * F.logsigmoid(cl - cw))  # (1 - p_w)^gamma
+    focal = focal_factor * (cw - log1mexp(cl))
+    loss = (distill - alpha * focal).mean()
+    metrics = pair_metrics(hw, hl, cw, cl)
+    metrics["drdo/distill"] = distill.detach().mean()
+    metrics["drdo/focal"] = focal.detach().mean()
+    metrics["drdo/p_chosen"] = torch.sigmoid(cw - cl).detach().mean()
+    return loss, metrics
+
+
+def drdo_oracle_loss(
+    chosen_reward: torch.Tensor,
+    rejected_reward: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    *,
+    a: float = 0.1,
+):
+    r"""DRDO's oracle objective (seed 004; METHODS.md section 6): reward head plus language-model regularizer::
+
+        loss = mean_i -[ (1 - a) log sigma(r(x, y_w) - r(x, y_l)) + a * logp_w ]
+
+    ``chosen_reward`` / ``rejected_reward``: the oracle's reward-head outputs; ``chosen_logps``: the oracle LM's
+    log-prob of the chosen response.  ``a`` in [0, 1]; 0.1 is a placeholder (METHODS.md does not fix it).
+
+    Metrics: the DPO six with the oracle rewards as ``rewards/*`` (``logps/rejected`` absent: not an input).
+    """
+    ck = Checker("drdo_oracle_loss")
+    rw = ck.floats("chosen_reward", chosen_reward)
+    n = rw.numel()
+    rl = ck.floats("rejected_reward", rejected_reward, n)
+    cw = ck.floats("chosen_logps", chosen_logps, n)
+    a = ck.number("a", a, ge=0.0, le=1.0)
+    rw, rl, cw = (ck.cast(x) for x in (rw, rl, cw))
+    loss = -((1 - a) * F.logsigmoid(rw - rl) + a * cw).mean()
+    metrics = pair_metrics(rw, rl, cw, cw)
+    del metrics["logps/rejected"]
+    return loss, metrics

@@ -1,0 +1,43 @@
+"""TYPO (seed ``002``: "New Desiderata for Direct Preference Optimization"), METHODS.md section 4."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import Checker
+from ._ops import pair_metrics
+
+
+def typo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    unsup_logps: torch.Tensor,
+    *,
+    lam: float = 0.05,
+):
+    r"""TYPO loss (seed 002, "New Desiderata for DPO"; METHODS.md section 4), reference-free::
+
+        loss = mean_pairs softplus(logp_l - logp_w)  +  lam * mean_unsup( -logp_u )
+
+    The first term is the Bradley-Terry likelihood with ``log pi`` itself as the score (its population minimizer
+    on the simplex is the preference distribution ``pi*``); the second is the NLL of responses **sampled from the
+    reference model** (extra rows, role ``unsup``), ``lam`` = 0.05 by default (>= 0).
+
+    Metrics: the DPO six with the reference-free implicit reward ``r = logp`` (``beta = 1``), plus
+    ``logps/unsup``, ``typo/supervised`` and ``typo/unsupervised`` (the two terms, before ``lam``).
+    """
+    ck = Checker("typo_loss")
+    cw = ck.floats("chosen_logps", chosen_logps)
+    cl = ck.floats("rejected_logps", rejected_logps, cw.numel())
+    cu = ck.floats("unsup_logps", unsup_logps)
+    lam = ck.number("lam", lam, ge=0.0)
+    cw, cl, cu = (ck.cast(x) for x in (cw, cl, cu))
+    sup = F.softplus(cl - cw).mean()
+    unsup = (-cu).mean()
+    loss = sup + lam * unsup
+    metrics = pair_metrics(cw, cl, cw, cl)
+    metrics["logps/unsup"] = cu.detach().mean()
+    metrics["typo/supervised"] = sup.detach()
+    metrics["typo/unsupervised"] = unsup.detach()
+    return loss, metrics
