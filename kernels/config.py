@@ -73,3 +73,9 @@ def num_programs_target(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def num_vocab_splits(num_row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
+    """Enough vocabulary splits that row blocks x splits fills the device, never more than vocabulary tiles."""
+    want = -(-num_programs_target(device) // max(num_row_blocks, 1))
+    return max(1, min(want, vocab_tiles))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dot_precision, forward_config, num_programs_target, output_buffer, upcast_dot_operands
+from .config import dot_precision, forward_config, num_vocab_splits, output_buffer, upcast_dot_operands
 from .logits_tile import logits_epilogue, logits_tile
 
 
@@ -59,12 +59,6 @@ def _linear_logprob_forward_kernel(
     tl.store(TGT_PART + out, target, mask=m_mask)
 
 
-def _num_splits(num_row_blocks: int, vocab_tiles: int, device: torch.device) -> int:
-    """Enough vocabulary splits that row blocks x splits fills the device, never more than vocabulary tiles."""
-    want = triton.cdiv(num_programs_target(device), max(num_row_blocks, 1))
-    return max(1, min(want, vocab_tiles))
-
-
 def linear_logprob_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -87,7 +81,7 @@ def linear_logprob_forward(
     cfg = forward_config(hidden.dtype)
     row_blocks = triton.cdiv(M, cfg.block_m)
     vocab_tiles = triton.cdiv(V, cfg.block_v)
-    splits = num_splits if num_splits is not None else _num_splits(row_blocks, vocab_tiles, device)
+    splits = num_splits if num_splits is not None else num_vocab_splits(row_blocks, vocab_tiles, device)
     splits = max(1, min(splits, vocab_tiles))
     cols_per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
     splits = triton.cdiv(V, cols_per_split)  # every split holds at least one real column
