@@ -114,7 +114,7 @@ def bench(name: str, step: Callable, params: list, device, iters: int, warmup: i
             parts.setdefault(k, []).append(v)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    row = {"impl": name, "median_ms": med(times), "min_ms": min(times), "peak_extra_gib": peak, "loss": float(loss)}
+    row = {"impl": name, "median_ms": med(times), "min_ms": min(times), "peak_extra_gib": peak, "loss": float(loss.detach())}
     row.update({f"{k}_ms": med(v) for k, v in parts.items()})
     return row
 

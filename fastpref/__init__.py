@@ -4,7 +4,12 @@ Layer 1 is :func:`sequence_logprobs` (fused Triton kernels, or chunked PyTorch);
 heads in :mod:`fastpref.losses`. See ``README.md``.
 """
 
+from . import losses
+from .heads import AuxDPOLoss, DPOLoss, DRDOLoss, DROLoss, PROLoss, SimPOLoss, TYPOLoss
 from .logprobs import SequenceLogProbs, sequence_logprobs
 
 __version__ = "0.1.0"
-__all__ = ["SequenceLogProbs", "sequence_logprobs", "__version__"]
+__all__ = [
+    "AuxDPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "PROLoss", "SequenceLogProbs", "SimPOLoss", "TYPOLoss",
+    "losses", "sequence_logprobs", "__version__",
+]

@@ -68,3 +68,26 @@ def split_pairs(x: torch.Tensor, name: str = "batch") -> tuple[torch.Tensor, tor
         raise ValueError(f"`{name}` must hold an even, non-zero number of sequences (chosen rows, then rejected); "
                          f"got {x.shape[0]}")
     return x.chunk(2)
+
+
+def last_response_rows(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], *, ignore_index: int = -100,
+                       cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Flat row index ``[S]`` of each sequence's last scored response row (the hidden state that predicts the
+    sequence's last response token). Raises if a sequence has no scored response row."""
+    flat_y = labels.reshape(-1)
+    scored = flat_y != ignore_index
+    if segment_ids is not None:
+        scored &= segment_ids.reshape(-1) == 2
+    n = flat_y.numel()
+    pos = torch.arange(n, device=labels.device)
+    if cu_seqlens is None:
+        S = labels.shape[0]
+        seq = pos // labels.shape[1]
+    else:
+        S = cu_seqlens.numel() - 1
+        seq = torch.searchsorted(cu_seqlens[1:].long().contiguous(), pos, right=True).clamp(max=S - 1)
+    last = torch.full((S,), -1, dtype=torch.long, device=labels.device)
+    last = last.scatter_reduce(0, seq, torch.where(scored, pos, -1), reduce="amax")
+    if bool((last < 0).any()):
+        raise ValueError("a sequence has no scored response token, so it has no last response hidden state")
+    return last
