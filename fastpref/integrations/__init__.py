@@ -1,0 +1,1 @@
+"""Integrations: Hugging Face transformers model patching, TRL trainers."""
