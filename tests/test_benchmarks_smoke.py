@@ -16,3 +16,13 @@ def test_head_check_smoke(tmp_path, backend):
     assert len(checks) == 4 and all(r["pass"] for r in checks)
     assert any(r.get("impl") == "fastpref" and r["median_ms"] > 0 for r in data["rows"])
     assert (tmp_path / "head_check.md").read_text().startswith("# Fused head check")
+
+
+def test_methods_step_smoke(tmp_path):
+    from benchmarks import methods_step
+
+    assert methods_step.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "methods_step.json").read_text())["rows"]
+    assert {r["impl"] for r in rows} == {"dpo", "ipo", "simpo", "pro-pairwise", "pro-binary", "pro-scalar", "dro",
+                                         "typo", "auxdpo", "drdo"}
+    assert all(r["median_ms"] > 0 for r in rows)
