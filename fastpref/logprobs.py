@@ -106,7 +106,10 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"`labels` is {tuple(labels.shape)} but `hidden` is {tuple(hidden.shape)}; expected {tuple(hidden.shape[:-1])}")
     if segment_ids is not None:
-        require_tensor("segment_ids", segment_ids, dtypes=INT_DTYPES + (torch.bool,))
+        if isinstance(segment_ids, torch.Tensor) and segment_ids.dtype == torch.bool:
+            raise TypeError("`segment_ids` is a bool mask; pass integer ids (0 = not scored, 1 = prompt, "
+                            "2 = response), e.g. `2 * completion_mask.long()`")
+        require_tensor("segment_ids", segment_ids, dtypes=INT_DTYPES)
         if segment_ids.shape != labels.shape:
             raise ValueError(f"`segment_ids` is {tuple(segment_ids.shape)} but `labels` is {tuple(labels.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

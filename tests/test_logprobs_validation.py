@@ -79,6 +79,11 @@ def test_segment_ids_out_of_set():
     _raises(ValueError, "`segment_ids`", segment_ids=seg)
 
 
+def test_segment_ids_bool_mask_is_ambiguous():
+    seg = make_batch(B=2, T=9, D=16, V=41, seed=1)[3]
+    _raises(TypeError, "`segment_ids`", segment_ids=seg == 2)
+
+
 def test_segment_ids_shape():
     _raises(ValueError, "`segment_ids`", segment_ids=torch.zeros(2, 8, dtype=torch.long))
 
