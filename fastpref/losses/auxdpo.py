@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from ._checks import Checker
 from ._ops import pair_metrics
 
@@ -28,6 +29,7 @@ def auxdpo_loss(
     null_penalty: torch.Tensor | None = None,
     lambda_null: float = DEFAULT_LAMBDA_NULL,
     lambda_amp: float = DEFAULT_LAMBDA_AMP,
+    backend: str = "auto",
 ):
     r"""AuxDPO loss (seed 003; METHODS.md section 5)::
 
@@ -39,7 +41,8 @@ def auxdpo_loss(
     ``null_penalty`` is the already-computed ``||A_B delta_B||^2`` (a one-value tensor, >= 0, differentiable in
     ``delta``; ``A_B delta_B = sum_j delta_j grad_theta0 log pi_ref(y_j)``), or None to omit the term.
     ``beta`` has no default (as in the contract); ``lambda_null = 1``, ``lambda_amp = 0.01`` are placeholders
-    the seed does not fix.
+    the seed does not fix.  ``backend``: ``'auto' | 'triton' | 'torch'``; the fused kernel computes the sigmoid term
+    and its gradients to the log-probs and to delta (the penalties are plain PyTorch either way).
 
     Metrics: the DPO six (``rewards/* = beta rho`` without delta), ``auxdpo/delta_margin`` (mean
     ``delta_w - delta_l``), ``auxdpo/delta_sq`` (``||delta_B||^2``), ``auxdpo/null_penalty`` (when given).
@@ -65,7 +68,12 @@ def auxdpo_loss(
     r_w, r_l = beta * (cw - rw), beta * (cl - rl)
     m = r_w - r_l + beta * (dw - dl)
     delta_sq = dw.pow(2).sum() + dl.pow(2).sum()
-    loss = -F.logsigmoid(m).mean() + lambda_amp * delta_sq
+    nll = None
+    if fused.use_fused(backend, cw, cl, rw, rl, dw, dl, fn="auxdpo_loss"):
+        nll = fused.auxdpo_pairs(cw, cl, rw, rl, dw, dl, beta=beta)
+    if nll is None:
+        nll = -F.logsigmoid(m).mean()
+    loss = nll + lambda_amp * delta_sq
     if pen is not None:
         loss = loss + lambda_null * ck.cast(pen)
     metrics = pair_metrics(r_w, r_l, cw, cl)

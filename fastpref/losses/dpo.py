@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from ._checks import Checker
 from ._ops import pair_metrics
 
@@ -59,6 +60,7 @@ def dpo_loss(
     f_alpha_divergence_coef: float = 0.5,
     loss_weights: Sequence[float] | None = None,
     wpo_weights: torch.Tensor | None = None,
+    backend: str = "auto",
 ):
     r"""DPO loss of every ``loss_type`` TRL's ``DPOTrainer`` ships (TRL 1.16, ``trl/trainer/dpo_trainer.py``).
 
@@ -107,6 +109,9 @@ def dpo_loss(
         wpo_weights: per-pair weights ``[B]`` multiplying every per-pair loss: TRL's ``use_weighting=True`` (WPO)
             computes them, under ``no_grad``, as the product of the chosen and rejected sequences'
             ``exp(mean_t (logp_t - log sum_v p_tv^2))``; pass them detached.  Not allowed with ``aot*`` (TRL).
+        backend: ``'auto'`` (fused loss-head kernel for CUDA inputs), ``'triton'`` or ``'torch'`` (this expression);
+            see ``fastpref.losses.fused`` for what is fused (a single loss type other than ``aot*``/``sft``, reverse
+            KL) and what falls back.
 
     Returns:
         ``(loss, metrics)``: scalar loss; detached batch means ``rewards/chosen`` (``beta * rho_w``),
@@ -172,15 +177,19 @@ def dpo_loss(
     delta_score = chosen_scores - rejected_scores
 
     loss = None
-    for t, w in zip(types, weights):
-        per_pair = _per_pair_loss(
-            t, beta, ls, tau, cw, cl, rw, rl, chosen_logratios, rejected_logratios,
-            chosen_scores, rejected_scores, delta_score, n_w, n_l,
-        )
-        if wpo is not None:
-            per_pair = per_pair * wpo
-        term = per_pair.mean() * w
-        loss = term if loss is None else loss + term
+    if fused.use_fused(backend, cw, cl, rw, rl, fn="dpo_loss"):
+        loss = fused.dpo(types, weights, cw, cl, rw, rl, beta=beta, label_smoothing=ls, discopop_tau=tau,
+                         f_divergence_type=fdiv, n_w=n_w, n_l=n_l, wpo=wpo)
+    if loss is None:
+        for t, w in zip(types, weights):
+            per_pair = _per_pair_loss(
+                t, beta, ls, tau, cw, cl, rw, rl, chosen_logratios, rejected_logratios,
+                chosen_scores, rejected_scores, delta_score, n_w, n_l,
+            )
+            if wpo is not None:
+                per_pair = per_pair * wpo
+            term = per_pair.mean() * w
+            loss = term if loss is None else loss + term
 
     metrics = pair_metrics(beta * chosen_logratios, beta * rejected_logratios, cw, cl)
     return loss, metrics
@@ -254,6 +263,7 @@ def simpo_loss(
     beta: float = 2.0,
     gamma: float = 0.5,
     label_smoothing: float = 0.0,
+    backend: str = "auto",
 ):
     r"""SimPO (Meng et al., 2024), reference-free (METHODS.md section 1)::
 
@@ -264,7 +274,7 @@ def simpo_loss(
     ``beta * (avg_w - avg_l - simpo_gamma / beta)``); the SimPO repository's ``gamma_beta_ratio`` equals
     ``gamma / beta``.  Defaults ``beta = 2.0``, ``gamma = 0.5`` (= TRL's ``simpo_gamma`` default; ratio 0.25).
     ``gamma`` must be >= 0 (a negative target margin rewards mis-ordered pairs).  ``cpo_alpha`` (CPO's NLL term)
-    is not part of SimPO; add it outside.
+    is not part of SimPO; add it outside.  ``backend``: ``'auto' | 'triton' | 'torch'`` (``fastpref.losses.fused``).
 
     Metrics follow TRL's CPOTrainer for ``loss_type="simpo"``: ``rewards/* = beta * logp / n`` and
     ``logps/*`` are the **length-averaged** log-probs.
@@ -282,9 +292,14 @@ def simpo_loss(
     avg_w = cw / n_w.to(ck.dtype)
     avg_l = cl / n_l.to(ck.dtype)
     logits = avg_w - avg_l - gamma / beta
-    losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+    loss = None
+    if fused.use_fused(backend, cw, cl, fn="simpo_loss"):
+        loss = fused.simpo(cw, cl, n_w, n_l, beta=beta, gamma=gamma, label_smoothing=ls)
+    if loss is None:
+        losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
+        loss = losses.mean()
     metrics = pair_metrics(beta * avg_w, beta * avg_l, avg_w, avg_l)
-    return losses.mean(), metrics
+    return loss, metrics
 
 
 def distill_loss(
@@ -296,6 +311,7 @@ def distill_loss(
     rejected_rewards: torch.Tensor,
     *,
     beta: float = 0.1,
+    backend: str = "auto",
 ):
     r"""e-DPO / reward-model distillation (Fisch et al., 2024; METHODS.md section 1)::
 
@@ -303,6 +319,7 @@ def distill_loss(
 
     ``chosen_rewards`` / ``rejected_rewards`` are the explicit rewards ``R`` of a reward model (data, no grad).
     Metrics: the DPO six (implicit rewards ``beta * rho``) plus ``distill/target_margin`` (mean ``R_w - R_l``).
+    ``backend``: ``'auto' | 'triton' | 'torch'`` (``fastpref.losses.fused``).
     """
     ck = Checker("distill_loss")
     cw = ck.floats("chosen_logps", chosen_logps)
@@ -315,7 +332,11 @@ def distill_loss(
     beta = ck.number("beta", beta, gt=0.0)
     cw, cl, rw, rl, Rw, Rl = (ck.cast(x) for x in (cw, cl, rw, rl, Rw, Rl))
     r_w, r_l = beta * (cw - rw), beta * (cl - rl)
-    loss = ((Rw - Rl) - (r_w - r_l)).pow(2).mean()
+    loss = None
+    if fused.use_fused(backend, cw, cl, rw, rl, Rw, Rl, fn="distill_loss"):
+        loss = fused.distill(cw, cl, rw, rl, Rw, Rl, beta=beta)
+    if loss is None:
+        loss = ((Rw - Rl) - (r_w - r_l)).pow(2).mean()
     metrics = pair_metrics(r_w, r_l, cw, cl)
     metrics["distill/target_margin"] = (Rw - Rl).detach().mean()
     return loss, metrics

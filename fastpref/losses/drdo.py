@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from ._checks import Checker
 from ._ops import log1mexp, pair_metrics
 
@@ -19,6 +20,7 @@ def drdo_loss(
     *,
     alpha: float = 0.1,
     gamma: float = 2.0,
+    backend: str = "auto",
 ):
     r"""DRDO loss (seed 004; METHODS.md section 6), reference-free::
 
@@ -30,7 +32,8 @@ def drdo_loss(
     ``oracle_*`` the oracle rewards ``R*`` (data).  The focal factor ``(1 - p_w)^gamma =
     exp(gamma log sigma(logp_l - logp_w))`` is **not** detached (the seed's gradient, eq. 48-50, differentiates
     it).  ``log1mexp(logp_l) = log(1 - pi(y_l))`` needs ``rejected_logps < 0``.  Defaults ``alpha = 0.1``,
-    ``gamma = 2`` (the seed's best); ``gamma`` must be >= 0.
+    ``gamma = 2`` (the seed's best); ``gamma`` must be >= 0.  ``backend``: ``'auto' | 'triton' | 'torch'``: the
+    fused loss-head kernel (focal term and ``log1mexp`` in fp32; ``fastpref.losses.fused``) or this expression.
 
     Metrics: the DPO six with the student rewards ``rhat`` as ``rewards/*``, plus ``drdo/distill`` (mean squared
     term), ``drdo/focal`` (mean focal term before ``alpha``) and ``drdo/p_chosen`` (mean ``p_w``).
@@ -51,7 +54,11 @@ def drdo_loss(
     distill = ((ow - ol) - (hw - hl)).pow(2)
     focal_factor = torch.exp(gamma * F.logsigmoid(cl - cw))  # (1 - p_w)^gamma
     focal = focal_factor * (cw - log1mexp(cl))
-    loss = (distill - alpha * focal).mean()
+    loss = None
+    if fused.use_fused(backend, cw, cl, hw, hl, ow, ol, fn="drdo_loss"):
+        loss = fused.drdo(cw, cl, hw, hl, ow, ol, alpha=alpha, gamma=gamma)
+    if loss is None:
+        loss = (distill - alpha * focal).mean()
     metrics = pair_metrics(hw, hl, cw, cl)
     metrics["drdo/distill"] = distill.detach().mean()
     metrics["drdo/focal"] = focal.detach().mean()

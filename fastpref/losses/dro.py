@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from ._checks import Checker
 from ._ops import Groups
 
@@ -21,6 +22,7 @@ def dro_loss(
     *,
     beta: float,
     log_z0: float,
+    backend: str = "auto",
 ):
     r"""DRO loss (seed 001; METHODS.md section 3): point-wise regression on an explicit reward ``R``::
 
@@ -36,6 +38,8 @@ def dro_loss(
         group_ids: integer prompt id ``[N]`` for the per-prompt mean (a prompt may have a single response).
         beta: temperature (> 0; no default: it sets the reward scale).
         log_z0: offset of ``log Z`` (no default; the seed sweeps it in [-50, 500], larger moves every target down).
+        backend: ``'auto' | 'triton' | 'torch'``: the fused loss-head kernel (``fastpref.losses.fused``; rows
+            weighted ``1 / (G K_g)``) or this PyTorch expression.
 
     Metrics: ``rewards/mean`` and ``logps/mean`` (means of ``beta rho`` and ``logp``), ``dro/residual`` (mean of
     ``R - beta rho - beta log Z``), ``dro/log_z`` (mean ``beta log Z``), ``dro/target`` (mean ``R``).
@@ -57,7 +61,11 @@ def dro_loss(
         beta_log_z = beta * (plp - rplp) + beta * log_z0
     implicit = beta * (lp - ref)
     resid = R - implicit - beta_log_z
-    loss = groups.mean(resid.pow(2)).mean()
+    loss = None
+    if fused.use_fused(backend, lp, ref, plp, rplp, R, fn="dro_loss"):
+        loss = fused.dro(groups, lp, ref, plp, rplp, R, beta=beta, log_z0=log_z0)
+    if loss is None:
+        loss = groups.mean(resid.pow(2)).mean()
     with torch.no_grad():
         metrics = {
             "rewards/mean": implicit.mean(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from ._checks import Checker
 from ._ops import LOG2, Groups, group_top_metrics, log1mexp, pair_metrics, pro_f
 
@@ -40,6 +41,7 @@ def pro_loss(
     hyper_response: str = "exact",
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    backend: str = "auto",
 ):
     r"""PRO loss (seed 000; METHODS.md section 2), one loss for three feedback types.
 
@@ -81,6 +83,8 @@ def pro_loss(
         lam: PRO-B regularizer weight, > 1 (default 2).
         tau: PRO-S score temperature, > 0 (default 1).
         hyper_response: 'exact' (METHODS.md) or 'zero' (the seed's experimental shortcut ``r_h = 0``).
+        backend: ``'auto' | 'triton' | 'torch'``: the fused loss-head kernel (hyper-response aggregate in fp32 in
+            the kernel; ``fastpref.losses.fused``) or this PyTorch expression.
 
     Returns:
         ``(loss, metrics)``; metrics are the DPO six (pairwise; binary: per class, KTO-style; scalar: each group's
@@ -117,7 +121,11 @@ def pro_loss(
             ck.negative("logps", lp, "the hyper response needs log1mexp(logp)")
             ck.negative("ref_logps", ref, "the hyper response needs log1mexp(ref_logp)")
         lp, ref = ck.cast(lp), ck.cast(ref)
-        return _pro_binary(lp, ref, lab, beta, lam, dw, uw, exact)
+        fused_loss = None
+        if fused.use_fused(backend, lp, ref, fn="pro_loss"):
+            fused_loss = fused.pro_binary(lp, ref, lab, beta=beta, lam=lam, desirable_weight=dw,
+                                          undesirable_weight=uw, exact=exact)
+        return _pro_binary(lp, ref, lab, beta, lam, dw, uw, exact, fused_loss)
 
     eta = ck.number("eta", eta, ge=0.0, lt=1.0)
     alpha = 1.0 / (1.0 - eta) ** 2 if alpha is None else ck.number("alpha", alpha, gt=0.0)
@@ -157,29 +165,38 @@ def pro_loss(
         logpi_h = None
         r_h = torch.zeros(groups.num, dtype=dtype, device=lp.device)
 
-    if feedback == "pairwise":
-        b = n // 2
-        # muhat_k shat_k = (1/2)(+-1/4)
-        linear = -(r[:b] - r[b:]) / 8.0
+    b = n // 2
+    fused_loss = None
+    if fused.use_fused(backend, lp, ref, fn="pro_loss"):
+        if feedback == "pairwise":
+            fused_loss = fused.pro_pairwise(lp, ref, beta=beta, alpha=alpha, eta=eta, exact=exact)
+        else:
+            fused_loss = fused.pro_scalar(groups, lp, ref, ck.cast(R), beta=beta, alpha=alpha, eta=eta, tau=tau,
+                                          exact=exact)
+    if fused_loss is None:
+        if feedback == "pairwise":
+            # muhat_k shat_k = (1/2)(+-1/4)
+            linear = -(r[:b] - r[b:]) / 8.0
+        else:
+            Rp = groups.pad(ck.cast(R))
+            pm = groups.mask[:, :, None] & groups.mask[:, None, :]
+            sig = torch.where(pm, torch.sigmoid((Rp[:, :, None] - Rp[:, None, :]) / tau), 0.0)
+            shat = sig.sum(2) / counts[:, None] - 0.5  # [G, K] (padding rows are garbage, masked below)
+            muhat_shat = torch.where(groups.mask, shat / counts[:, None], 0.0)
+            linear = -(muhat_shat * groups.pad(r)).sum(1)
+
+        nu = (1.0 - eta) / counts  # per labeled response, [G]
+        reg_labeled = nu**2 * groups.pairwise(r, pro_f)
+        reg_hyper = 2.0 * eta * nu * groups.sum(pro_f(r - r_h[groups.inv]))
+        reg_diag_h = eta**2 * LOG2
+        per_group = linear + 0.5 * alpha * (reg_labeled + reg_hyper + reg_diag_h)
+        loss = 4.0 * per_group.mean() if feedback == "pairwise" else per_group.mean()
     else:
-        Rp = groups.pad(ck.cast(R))
-        pm = groups.mask[:, :, None] & groups.mask[:, None, :]
-        sig = torch.where(pm, torch.sigmoid((Rp[:, :, None] - Rp[:, None, :]) / tau), 0.0)
-        shat = sig.sum(2) / counts[:, None] - 0.5  # [G, K] (padding rows are garbage, masked below)
-        muhat_shat = torch.where(groups.mask, shat / counts[:, None], 0.0)
-        linear = -(muhat_shat * groups.pad(r)).sum(1)
-
-    nu = (1.0 - eta) / counts  # per labeled response, [G]
-    reg_labeled = nu**2 * groups.pairwise(r, pro_f)
-    reg_hyper = 2.0 * eta * nu * groups.sum(pro_f(r - r_h[groups.inv]))
-    reg_diag_h = eta**2 * LOG2
-    per_group = linear + 0.5 * alpha * (reg_labeled + reg_hyper + reg_diag_h)
+        loss = fused_loss
 
     if feedback == "pairwise":
-        loss = 4.0 * per_group.mean()
         metrics = pair_metrics(r[:b], r[b:], lp[:b], lp[b:])
     else:
-        loss = per_group.mean()
         metrics = group_top_metrics(groups, ck.cast(R), r, lp)
     metrics["rewards/hyper"] = r_h.detach().mean()
     if logpi_h is not None:
@@ -187,7 +204,7 @@ def pro_loss(
     return loss, metrics
 
 
-def _pro_binary(lp, ref, lab, beta, lam, dw, uw, exact):
+def _pro_binary(lp, ref, lab, beta, lam, dw, uw, exact, fused_loss=None):
     r = beta * (lp - ref)
     if exact:
         logpi_h = log1mexp(lp)
@@ -195,10 +212,13 @@ def _pro_binary(lp, ref, lab, beta, lam, dw, uw, exact):
     else:
         logpi_h = None
         r_h = torch.zeros_like(r)
-    z = lab.to(r.dtype)
-    w = torch.where(lab, torch.full_like(r, dw), torch.full_like(r, uw))
-    per_row = w * (-(z - 0.5) * r + lam * pro_f(r - r_h))
-    loss = per_row.mean()
+    if fused_loss is None:
+        z = lab.to(r.dtype)
+        w = torch.where(lab, torch.full_like(r, dw), torch.full_like(r, uw))
+        per_row = w * (-(z - 0.5) * r + lam * pro_f(r - r_h))
+        loss = per_row.mean()
+    else:
+        loss = fused_loss
     metrics = {}
     with torch.no_grad():
         if bool(lab.any()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fused
 from ._checks import Checker
 from ._ops import pair_metrics
 
@@ -15,6 +16,7 @@ def typo_loss(
     unsup_logps: torch.Tensor,
     *,
     lam: float = 0.05,
+    backend: str = "auto",
 ):
     r"""TYPO loss (seed 002, "New Desiderata for DPO"; METHODS.md section 4), reference-free::
 
@@ -26,6 +28,8 @@ def typo_loss(
 
     Metrics: the DPO six with the reference-free implicit reward ``r = logp`` (``beta = 1``), plus
     ``logps/unsup``, ``typo/supervised`` and ``typo/unsupervised`` (the two terms, before ``lam``).
+    ``backend``: ``'auto' | 'triton' | 'torch'``; the fused kernel computes the pair term (the unsupervised term's
+    gradient is the constant ``-lam / N_u``: plain PyTorch either way).
     """
     ck = Checker("typo_loss")
     cw = ck.floats("chosen_logps", chosen_logps)
@@ -33,7 +37,11 @@ def typo_loss(
     cu = ck.floats("unsup_logps", unsup_logps)
     lam = ck.number("lam", lam, ge=0.0)
     cw, cl, cu = (ck.cast(x) for x in (cw, cl, cu))
-    sup = F.softplus(cl - cw).mean()
+    sup = None
+    if fused.use_fused(backend, cw, cl, cu, fn="typo_loss"):
+        sup = fused.typo_pairs(cw, cl)
+    if sup is None:
+        sup = F.softplus(cl - cw).mean()
     unsup = (-cu).mean()
     loss = sup + lam * unsup
     metrics = pair_metrics(cw, cl, cw, cl)
