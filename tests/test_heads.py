@@ -226,3 +226,10 @@ def test_module_errors():
         fastpref.DRDOLoss()
     with pytest.raises(ValueError, match="`oracle_rewards`"):
         fastpref.DRDOLoss(hidden_size=D)(h, w, y, seg, oracle_rewards=torch.randn(3))
+
+
+def test_typo_module_without_unsup_rows():
+    h, _, w, y, seg = make(4, 12)
+    loss, metrics = fastpref.TYPOLoss(lam=0.5)(h, w, y, seg)
+    cw, cl = ref64(h, w, y, seg)["response"].chunk(2)
+    torch.testing.assert_close(loss.double(), torch.nn.functional.softplus(cl - cw).mean(), rtol=1e-5, atol=1e-6)

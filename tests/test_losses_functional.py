@@ -688,3 +688,11 @@ LP = _t(-1.0, -2.0, -3.0)
 def test_bad_inputs_raise(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_typo_without_unsup_rows_is_the_supervised_term_alone():
+    g = torch.Generator().manual_seed(41)
+    cw, cl = -torch.rand(5, generator=g, dtype=torch.float64) * 40, -torch.rand(5, generator=g, dtype=torch.float64) * 40
+    loss, metrics = FL.typo_loss(cw, cl, None, lam=0.3)
+    torch.testing.assert_close(loss, torch.nn.functional.softplus(cl - cw).mean())
+    assert "logps/unsup" not in metrics and "typo/unsupervised" not in metrics

@@ -17,7 +17,8 @@ class TYPOLoss(FusedHeadLoss):
         loss = mean_pairs softplus(logp_l - logp_w)  +  lam * mean_unsup(-logp_u)
 
     ``unsup [S]`` (bool) marks the extra rows that are responses sampled from the reference model; the other
-    rows are pairs in TRL's layout (chosen rows, then rejected), in their order.
+    rows are pairs in TRL's layout (chosen rows, then rejected), in their order. With no row marked (or
+    ``unsup=None``) the unsupervised term is omitted.
     """
 
     def __init__(self, lam: float = 0.05, **head_kwargs):
@@ -35,4 +36,5 @@ class TYPOLoss(FusedHeadLoss):
         if unsup.device != pol.response.device:
             raise ValueError(f"`unsup` is on {unsup.device} but the batch is on {pol.response.device}")
         cw, cl = split_pairs(pol.response[~unsup], "hidden (rows not marked `unsup`)")
-        return typo_loss(cw, cl, pol.response[unsup], lam=self.lam)
+        return typo_loss(cw, cl, pol.response[unsup] if bool(unsup.any()) else None, lam=self.lam,
+                         backend=self.backend)
