@@ -69,7 +69,7 @@ class AuxDPOLoss(FusedHeadLoss):
                                  "as a function of `params`")
             penalty = param_null_penalty(ref_logps_fn, self.penalty_params, torch.cat([dw, dl]))
         return auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=self.beta, null_penalty=penalty,
-                           lambda_null=self.lambda_null, lambda_amp=self.lambda_amp)
+                           lambda_null=self.lambda_null, lambda_amp=self.lambda_amp, backend=self.backend)
 
     def _example_index(self, example_index, num_pairs: int) -> torch.Tensor:
         if not isinstance(example_index, torch.Tensor) or example_index.dtype not in (torch.int64, torch.int32):

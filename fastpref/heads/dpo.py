@@ -45,7 +45,7 @@ class DPOLoss(FusedHeadLoss):
         nw, nl = split_pairs(pol.n_response)
         return dpo_loss(cw, cl, rw, rl, beta=self.beta, loss_type=self.loss_type,
                         label_smoothing=self.label_smoothing, chosen_lengths=nw, rejected_lengths=nl,
-                        **self.loss_kwargs)
+                        backend=self.backend, **self.loss_kwargs)
 
 
 class SimPOLoss(FusedHeadLoss):
@@ -63,4 +63,5 @@ class SimPOLoss(FusedHeadLoss):
         pol = self.logps(hidden, weight, labels, segment_ids, bias=bias, cu_seqlens=cu_seqlens)
         cw, cl = split_pairs(pol.response, "hidden")
         nw, nl = split_pairs(pol.n_response)
-        return simpo_loss(cw, cl, nw, nl, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing)
+        return simpo_loss(cw, cl, nw, nl, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing,
+                          backend=self.backend)

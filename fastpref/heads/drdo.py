@@ -50,4 +50,4 @@ class DRDOLoss(FusedHeadLoss):
         cw, cl = split_pairs(pol.response, "hidden")
         hw, hl = split_pairs(rhat)
         ow, ol = split_pairs(oracle_rewards)
-        return drdo_loss(cw, cl, hw, hl, ow, ol, alpha=self.alpha, gamma=self.gamma)
+        return drdo_loss(cw, cl, hw, hl, ow, ol, alpha=self.alpha, gamma=self.gamma, backend=self.backend)

@@ -34,4 +34,4 @@ class DROLoss(FusedHeadLoss):
         ref = self.reference_logps(ref_hidden, ref_weight, labels, segment_ids, ref_bias=ref_bias,
                                    cu_seqlens=cu_seqlens, ref_logps=ref_logps)
         return dro_loss(pol.response, ref.response, pol.prompt.detach(), ref.prompt, rewards, group_ids,
-                        beta=self.beta, log_z0=self.log_z0)
+                        beta=self.beta, log_z0=self.log_z0, backend=self.backend)

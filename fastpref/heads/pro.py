@@ -38,4 +38,4 @@ class PROLoss(FusedHeadLoss):
         ref = self.reference_logps(ref_hidden, ref_weight, labels, segment_ids, ref_bias=ref_bias,
                                    cu_seqlens=cu_seqlens, ref_logps=ref_logps)
         return pro_loss(pol.response, ref.response, feedback=self.feedback, labels=labels_desirable,
-                        rewards=rewards, group_ids=group_ids, **self.loss_kwargs)
+                        rewards=rewards, group_ids=group_ids, backend=self.backend, **self.loss_kwargs)
