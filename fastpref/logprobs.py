@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ._autograd import TokenLogProbs
+from ._rows import row_sequences
 from ._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -123,16 +124,14 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
         B, T = hidden.shape[:2]
         if B == 0 or T == 0:
             raise ValueError(f"`hidden` holds no tokens: shape {tuple(hidden.shape)}")
-        num_sequences = B
-        sequence = torch.arange(B * T, device=hidden.device) // T
+        sequence, num_sequences = row_sequences(B * T, hidden.device, row_len=T)
     else:
         if cu_seqlens is None:
             raise ValueError("packed `hidden` [N, D] needs `cu_seqlens` [S+1]; pass padded hidden as [B, T, D]")
         require_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=INT_DTYPES)
         if cu_seqlens.numel() < 2:
             raise ValueError(f"`cu_seqlens` must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
-        num_sequences = cu_seqlens.numel() - 1
-        sequence = torch.searchsorted(cu_seqlens[1:].long().contiguous(), torch.arange(hidden.shape[0], device=hidden.device), right=True)
+        sequence, num_sequences = row_sequences(hidden.shape[0], hidden.device, cu_seqlens=cu_seqlens)
 
     flat_labels = labels.reshape(-1).long()
     valid = flat_labels != ignore_index
@@ -155,7 +154,7 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
             checks.append((f"`cu_seqlens` must start at 0, be strictly increasing and end at N={hidden.shape[0]}",
                            (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
         scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
-            0, sequence.clamp(max=num_sequences - 1), (segments > 0).long())
+            0, sequence, (segments > 0).long())
         checks.append(("a sequence has no scored token (every label is ignore_index or its segment id is 0); "
                        "drop it from the batch", (scored_per_seq == 0).any()))
         checks.append(("`hidden` holds non-finite values", ~torch.isfinite(hidden).all()))

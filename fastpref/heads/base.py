@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastpref._rows import last_row_where, row_sequences
 from fastpref.logprobs import PROMPT, SequenceLogProbs, sequence_logprobs
 
 
@@ -74,20 +75,12 @@ def last_response_rows(labels: torch.Tensor, segment_ids: Optional[torch.Tensor]
                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flat row index ``[S]`` of each sequence's last scored response row (the hidden state that predicts the
     sequence's last response token). Raises if a sequence has no scored response row."""
-    flat_y = labels.reshape(-1)
-    scored = flat_y != ignore_index
+    scored = labels.reshape(-1) != ignore_index
     if segment_ids is not None:
         scored &= segment_ids.reshape(-1) == 2
-    n = flat_y.numel()
-    pos = torch.arange(n, device=labels.device)
-    if cu_seqlens is None:
-        S = labels.shape[0]
-        seq = pos // labels.shape[1]
-    else:
-        S = cu_seqlens.numel() - 1
-        seq = torch.searchsorted(cu_seqlens[1:].long().contiguous(), pos, right=True).clamp(max=S - 1)
-    last = torch.full((S,), -1, dtype=torch.long, device=labels.device)
-    last = last.scatter_reduce(0, seq, torch.where(scored, pos, -1), reduce="amax")
+    sequences, S = row_sequences(scored.numel(), labels.device, row_len=labels.shape[-1] if labels.dim() == 2 else None,
+                                 cu_seqlens=cu_seqlens)
+    last = last_row_where(scored, sequences, S)
     if bool((last < 0).any()):
         raise ValueError("a sequence has no scored response token, so it has no last response hidden state")
     return last

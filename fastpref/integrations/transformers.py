@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from .._rows import last_row_where, row_sequences
+from .._validation import raise_failed_checks
 from ..logprobs import BACKENDS, REDUCTIONS, SequenceLogProbs, sequence_logprobs
 from ._hf_utils import (
     HeadTransform,
@@ -417,7 +419,7 @@ def _targets(input_ids, attention_mask, position_ids, completion_mask, segment_i
             if validate and (derived.numel() != cu.numel() or not bool((derived == cu).all())):
                 raise ValueError("`cu_seqlens` and `position_ids` disagree on the sequence boundaries")
         else:  # explicit cu_seqlens only: give the backbone positions restarting at each sequence
-            _raise(checks)  # a bad cu_seqlens would break the positions below
+            raise_failed_checks(checks)  # a bad cu_seqlens would break the positions below
             checks = []
             lengths = cu[1:] - cu[:-1]
             starts = torch.repeat_interleave(cu[:-1], lengths)
@@ -434,34 +436,15 @@ def _targets(input_ids, attention_mask, position_ids, completion_mask, segment_i
     labels = torch.full((B, T), -100, dtype=torch.long, device=device)
     labels[:, :-1] = input_ids[:, 1:].long()
     labels = torch.where(row_segments > 0, labels, -100)
-    _raise(checks)
+    raise_failed_checks(checks)
     return labels, row_segments, cu, backbone_position_ids, backbone_attention_mask
-
-
-def _raise(checks) -> None:
-    if not checks:
-        return
-    failed = torch.stack([flag.reshape(()) for _, flag in checks]).tolist()
-    for (message, _), bad in zip(checks, failed):
-        if bad:
-            raise ValueError(message)
 
 
 def _last_hidden(hidden: torch.Tensor, segments: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
     """Per sequence, the hidden row predicting the last response token (else the last scored token)."""
-    D = hidden.shape[-1]
-    flat = hidden.reshape(-1, D)
     seg = segments.reshape(-1)
-    R = seg.numel()
-    pos = torch.arange(R, device=seg.device)
-    if cu is None:
-        S = segments.shape[0]
-        sequence = pos // segments.shape[1]
-    else:
-        S = cu.numel() - 1
-        sequence = torch.searchsorted(cu[1:].contiguous(), pos, right=True).clamp(max=S - 1)
-    none = torch.full((S,), -1, dtype=torch.long, device=seg.device)
-    last_response = none.scatter_reduce(0, sequence, torch.where(seg == RESPONSE, pos, -1), "amax")
-    last_scored = none.scatter_reduce(0, sequence, torch.where(seg > 0, pos, -1), "amax")
+    sequences, S = row_sequences(seg.numel(), seg.device, row_len=segments.shape[-1], cu_seqlens=cu)
+    last_response = last_row_where(seg == RESPONSE, sequences, S)
+    last_scored = last_row_where(seg > 0, sequences, S)
     index = torch.where(last_response >= 0, last_response, last_scored).clamp(min=0)
-    return flat.index_select(0, index)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
