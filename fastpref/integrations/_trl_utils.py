@@ -1,0 +1,131 @@
+"""Helpers for :mod:`fastpref.integrations.trl`: batch layout, reference contexts, extra data columns.
+
+Nothing here imports TRL's private helpers; the small context managers TRL uses for the reference forward
+(``use_adapter``, ``disable_gradient_checkpointing``) are re-implemented so that a TRL release that moves or
+renames them does not break the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._hf_utils import find_backbone, find_causal_lm
+
+PROMPT, RESPONSE = 1, 2
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A PEFT ``PeftModel`` (duck-typed: ``peft_config`` and ``get_base_model``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+@contextlib.contextmanager
+def reference_adapter(model: nn.Module):
+    """TRL's reference for a PEFT policy: the ``"ref"`` adapter when the model has one (a pretrained adapter
+    that TRL copied at construction), else every adapter disabled (the base model)."""
+    if "ref" in getattr(model, "peft_config", {}):
+        previous = model.active_adapter
+        model.set_adapter("ref")
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+@contextlib.contextmanager
+def no_gradient_checkpointing(model: nn.Module, gradient_checkpointing_kwargs: Optional[dict] = None):
+    """Turn gradient checkpointing off for a no-grad (reference) forward and back on afterwards, as TRL does
+    (reentrant checkpointing warns when no input requires grad)."""
+    lm = find_causal_lm(model)
+    new_api = hasattr(lm, "is_activation_checkpointing")  # transformers >= 5.2x renamed the API
+    if new_api:
+        enabled = bool(lm.is_activation_checkpointing)
+        disable, enable = lm.activation_checkpointing_disable, lm.activation_checkpointing_enable
+    else:
+        enabled = bool(getattr(lm, "is_gradient_checkpointing", False))
+        disable = getattr(lm, "gradient_checkpointing_disable", None)
+        enable = getattr(lm, "gradient_checkpointing_enable", None)
+    if enabled:
+        disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            enable(gradient_checkpointing_kwargs)
+
+
+def ld_segment_ids(completion_mask: torch.Tensor) -> torch.Tensor:
+    """Segment ids for TRL's LD-DPO (``ld_alpha``): the first ``min(n_chosen, n_rejected)`` completion tokens of
+    each pair are segment 2 ("shared", the fused output's ``response``), the rest of the completion segment 1
+    ("tail", its ``prompt``), everything else 0. Rows: chosen first, then rejected (TRL's layout).
+
+    Mirrors TRL 1.16 ``DPOTrainer._compute_loss``: counts run over ``completion_mask[:, 1:]`` (the scored
+    positions), so a completion token at position 0 (empty prompt) is never scored.
+    """
+    cm = completion_mask.clone().long()
+    cm[:, 0] = 0
+    position = cm.cumsum(dim=1)
+    lengths = cm.sum(dim=1)
+    chosen, rejected = lengths.chunk(2, dim=0)
+    shared = torch.minimum(chosen, rejected).repeat(2)[:, None]
+    segments = torch.zeros_like(cm)
+    segments[(cm == 1) & (position <= shared)] = RESPONSE
+    segments[(cm == 1) & (position > shared)] = PROMPT
+    return segments
+
+
+class ExtraColumnsCollator:
+    """Wraps a preference collator and adds per-example columns (``oracle_chosen``, ``example_index``, ...) as
+    tensors: TRL's ``DataCollatorForPreference`` drops every column it does not know."""
+
+    def __init__(self, collator: Callable, columns: dict[str, torch.dtype], optional: Sequence[str] = ()):
+        self.collator = collator
+        self.columns = dict(columns)
+        self.optional = set(optional)
+
+    def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        for name, dtype in self.columns.items():
+            if name in batch:
+                continue
+            missing = [i for i, example in enumerate(examples) if name not in example or example[name] is None]
+            if name in self.optional and len(missing) == len(examples):
+                continue
+            if missing:
+                raise KeyError(f"FastPrefDPOTrainer: the batch's examples {missing} have no `{name}` column, which "
+                               "the selected method needs (train and eval datasets alike)")
+            batch[name] = torch.tensor([example[name] for example in examples], dtype=dtype)
+        return batch
+
+    def __getattr__(self, name: str):  # pad_token_id, max_length, ... of the wrapped collator
+        if name == "collator":
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+
+@contextlib.contextmanager
+def capture_backbone_hidden(model: nn.Module):
+    """Record the last hidden state the backbone of ``model`` (a causal LM, or a PEFT model around one) returns
+    during the block: yields a list that holds it afterwards (AuxDPO's head null-space penalty reads the
+    reference hidden states of the same forward that gives the reference log-probs)."""
+    store: list[torch.Tensor] = []
+    backbone = find_backbone(find_causal_lm(model))
+
+    def hook(module, args, output):
+        hidden = getattr(output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = output[0]
+        store.append(hidden)
+
+    handle = backbone.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
