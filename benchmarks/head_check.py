@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -186,18 +185,17 @@ def timing(a, device):
 
 
 def memory_scaling(a, device):
-    rows = []
-    for pairs in ([1, 2] if a.smoke else [1, 2, 4, 8]):
+    def one(pairs):
         W, H, Href, lab = make_inputs(pairs, a.T, a.D, a.V, a.prompt_frac, device)
         W.requires_grad_(True)
         H.requires_grad_(True)
         step = fastpref_step(a.backend)
         r = bench("fastpref", lambda: step(W, H, Href, lab), [W, H], device, 3)
         r.update(pairs=pairs, N=H.shape[0] * H.shape[1], scored_rows=int((lab != -100).sum()))
-        rows.append(r)
         print(json.dumps(r), flush=True)
-        del W, H, Href, lab
-    return rows
+        return r  # the inputs go out of scope here, before the next size is allocated
+
+    return [one(pairs) for pairs in ([1, 2] if a.smoke else [1, 2, 4, 8])]
 
 
 def main(argv=None):

@@ -346,7 +346,7 @@ def test_precompute_pass_does_not_call_the_head(tokenizer, tmp_path, monkeypatch
             seen.append(x.shape)
         return original(self, x)
 
-    import fastpref.integrations.trl as fpt
+    import fastpref.integrations.transformers as fpt
 
     verify = fpt.verify_head
 

@@ -149,7 +149,11 @@ def patch(model: M, *, backend: str = "auto", reduction: str = "sum", validate: 
     transform = head_transform(lm)
     previous = lm.__dict__.get("forward")
     if verify:
-        verify_head(lm, backbone, lm.forward, transform)
+        # Against the architecture's own forward with autocast off: the instance's forward may be wrapped
+        # (accelerate's mixed-precision wrapper, as TRL's reference model is), which would compare bf16 logits.
+        device_type = get_output_embeddings().weight.device.type
+        with torch.autocast(device_type, enabled=False):
+            verify_head(lm, backbone, type(lm).forward.__get__(lm, type(lm)), transform)
 
     original = inspect.signature(lm.forward)  # bound: no `self`
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]

@@ -104,7 +104,7 @@ from ..losses.dpo import dpo_loss, simpo_loss
 from ..losses.drdo import drdo_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
-from ._hf_utils import find_backbone, find_causal_lm, head_parameters, resolve_head, verify_head
+from ._hf_utils import find_backbone, find_causal_lm, head_parameters, resolve_head
 from ._trl_utils import (
     ExtraColumnsCollator,
     capture_backbone_hidden,
@@ -290,13 +290,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         lm = find_causal_lm(self.accelerator.unwrap_model(model))
         state = lm.__dict__.get(_STATE)
         if state is None or state.backend != self.fastpref_backend or state.reduction != "sum":
-            patch(lm, backend=self.fastpref_backend, verify=False)
-            # Check the head transform read from the config against the architecture's own forward: not the
-            # instance's, which TRL's fused head and accelerate's mixed-precision wrapper may have replaced.
-            device_type = lm.get_output_embeddings().weight.device.type
-            with torch.autocast(device_type, enabled=False):
-                verify_head(lm, find_backbone(lm), type(lm).forward.__get__(lm, type(lm)),
-                            lm.__dict__[_STATE].transform)
+            patch(lm, backend=self.fastpref_backend)  # verifies against the class's forward, autocast off
 
     def _fastpref_patch_all(self) -> None:
         self._fastpref_patch(self.model)
