@@ -1,0 +1,95 @@
+"""The demo's outputs: the results table, ``results.json`` and the training-curves PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .train import MethodResult
+
+__all__ = ["COLUMNS", "format_table", "write_json", "write_plot"]
+
+#: The table's columns, in order (``format_table``'s header).
+COLUMNS = ("method", "final loss", "acc before", "acc after", "d logp(chosen)", "tokens/s", "peak mem MB")
+
+
+def _row(r: MethodResult) -> list[str]:
+    return [r.method, f"{r.final_loss:.4f}", f"{r.acc_before:.3f}", f"{r.acc_after:.3f}",
+            f"{r.chosen_logp_change:+.2f}", f"{r.tokens_per_s:,.0f}", f"{r.peak_memory_mb:,.0f}"]
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """A plain-text table, one row per method (numbers right-aligned)."""
+    rows = [list(COLUMNS)] + [_row(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+
+    def line(row):
+        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(rows[0]), rule] + [line(r) for r in rows[1:]])
+
+
+def write_json(path: Path, results: Sequence[MethodResult], info: dict) -> None:
+    payload = {"info": info, "columns": list(COLUMNS), "results": [dataclasses.asdict(r) for r in results]}
+    path.write_text(json.dumps(payload, indent=1, default=float) + "\n", encoding="utf-8")
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def write_plot(path: Path, results: Sequence[MethodResult], title: str = "") -> Optional[str]:
+    """Write the curves PNG; returns None, or a one-line note when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipping the PNG (pip install 'fastpref[demo]')"
+    n = len(results)
+    cols = min(5, max(1, n))
+    loss_rows = math.ceil(n / cols)
+    fig = plt.figure(figsize=(3.2 * cols + 0.8, 3.4 + 2.4 * loss_rows), constrained_layout=True)
+    grid = fig.add_gridspec(1 + loss_rows, cols, height_ratios=[1.4] + [1.0] * loss_rows)
+    colors = plt.get_cmap("tab10")
+
+    ax = fig.add_subplot(grid[0, :])
+    for i, r in enumerate(results):
+        ax.plot(r.eval_steps, r.eval_accs, marker="o", ms=3, color=colors(i % 10), label=r.method)
+    ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("held-out reward accuracy")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(ncol=min(5, n), fontsize=8, loc="lower right")
+    ax.set_title(title or "fastpref demo: held-out reward accuracy (ranking by each method's own reward)",
+                 fontsize=10)
+
+    window = max(1, max((len(r.losses) for r in results), default=1) // 30)
+    for i, r in enumerate(results):
+        a = fig.add_subplot(grid[1 + i // cols, i % cols])
+        steps = list(range(1, len(r.losses) + 1))
+        a.plot(steps, r.losses, color=colors(i % 10), alpha=0.3, lw=0.8)
+        a.plot(steps, _smooth(r.losses, window), color=colors(i % 10), lw=1.5)
+        a.set_title(f"{r.method}: training loss", fontsize=9)
+        a.tick_params(labelsize=7)
+        a.grid(alpha=0.3)
+        if i % cols == 0:
+            a.set_ylabel("loss", fontsize=8)
+        if i // cols == loss_rows - 1:
+            a.set_xlabel("step", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
