@@ -156,6 +156,29 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str
     return head + body
 
 
+def add_shape_args(ap) -> None:
+    """The arguments both GPU scripts share: the anchors' shape (Llama-3-8B head, 4 pairs x 2048, half prompt)."""
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--D", type=int, default=4096)
+    ap.add_argument("--V", type=int, default=128256)
+    ap.add_argument("--prompt-frac", type=float, default=0.5)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is (CI)")
+    ap.add_argument("--out", required=True, help="output folder (JSON + markdown)")
+
+
+def resolve_device(a, script: str) -> torch.device:
+    """CUDA if there is one; ``--smoke`` shrinks the shapes (CPU CI), otherwise a CPU is refused."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if a.smoke:
+        a.pairs, a.T, a.D, a.V, a.iters = 2, 24, 40, 301, min(a.iters, 2)
+    elif device.type != "cuda":
+        raise SystemExit(f"{script}: no CUDA device; run with --smoke on a CPU")
+    return device
+
+
 def optional_import(name: str) -> Optional[object]:
     try:
         return importlib.import_module(name)

@@ -25,8 +25,8 @@ import torch
 import fastpref
 from fastpref.reference import token_logprobs_reference
 
-from .common import (Timer, bench, dpo_from_logps, make_inputs, markdown_table, naive_logps, optional_import, versions,
-                     write_results)
+from .common import (Timer, add_shape_args, bench, dpo_from_logps, make_inputs, markdown_table, naive_logps,
+                     optional_import, resolve_device, versions, write_results)
 
 
 # ----------------------------------------------------------------------------------------------- correctness
@@ -200,23 +200,11 @@ def memory_scaling(a, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--T", type=int, default=2048)
-    ap.add_argument("--D", type=int, default=4096)
-    ap.add_argument("--V", type=int, default=128256)
-    ap.add_argument("--prompt-frac", type=float, default=0.5)
+    add_shape_args(ap)
     ap.add_argument("--peaked", type=float, default=0.0)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--backend", default="auto")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is (CI)")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness,timing,memory")
-    ap.add_argument("--out", required=True, help="output folder (JSON + markdown)")
     a = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if a.smoke:
-        a.pairs, a.T, a.D, a.V, a.iters = 2, 24, 40, 301, 2
-    elif device.type != "cuda":
-        sys.exit("head_check: no CUDA device; run with --smoke on a CPU")
+    device = resolve_device(a, "head_check")
     meta = versions()
     meta.update({k: v for k, v in vars(a).items() if k != "out"})
     print(json.dumps(meta), flush=True)

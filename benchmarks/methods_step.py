@@ -19,7 +19,7 @@ import torch
 
 import fastpref
 
-from .common import bench, make_inputs, markdown_table, versions, write_results
+from .common import add_shape_args, bench, make_inputs, markdown_table, resolve_device, versions, write_results
 
 
 def _segments(lab, prompt_frac):
@@ -97,22 +97,10 @@ def run(a, device):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--T", type=int, default=2048)
-    ap.add_argument("--D", type=int, default=4096)
-    ap.add_argument("--V", type=int, default=128256)
-    ap.add_argument("--prompt-frac", type=float, default=0.5)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--backend", default="auto")
+    add_shape_args(ap)
     ap.add_argument("--only", default="", help="comma list of methods")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is (CI)")
-    ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if a.smoke:
-        a.pairs, a.T, a.D, a.V, a.iters = 2, 24, 40, 301, 1
-    elif device.type != "cuda":
-        sys.exit("methods_step: no CUDA device; run with --smoke on a CPU")
+    device = resolve_device(a, "methods_step")
     meta = versions()
     meta.update({k: v for k, v in vars(a).items() if k != "out"})
     rows = run(a, device)
