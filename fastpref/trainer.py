@@ -61,7 +61,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .collators import BinaryFeedbackCollator, PairwiseRewardCollator, ScalarFeedbackCollator, TYPOCollator
-from .integrations._hf_utils import find_causal_lm, resolve_head
+from .integrations._hf_utils import find_causal_lm, is_peft_model, reference_adapter, resolve_head
 from .integrations.transformers import patch
 from .losses import distill_loss, drdo_loss, dro_loss, kto_loss, pro_loss, typo_loss
 from .losses.kto import KTO_LOSS_TYPES
@@ -78,14 +78,6 @@ __all__ = [
 
 REWARD_HEAD_NAME = "reward_head.pt"
 _RESPONSE = 2
-
-
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is optional
-        return False
-    return isinstance(model, PeftModel)
 
 
 def _choice(owner: str, name: str, value, choices) -> str:
@@ -139,7 +131,7 @@ class FastPrefTrainer(Trainer):
             args = TrainingArguments(output_dir="trainer_output")
         args.remove_unused_columns = False  # the layouts' columns are not arguments of the model's forward
 
-        self.is_peft_policy = _is_peft_model(model)
+        self.is_peft_policy = is_peft_model(model)
         if self.uses_reference:
             if ref_model is model:
                 raise ValueError(f"{name}: `ref_model` must be a separate model (or None), not the policy itself")
@@ -241,9 +233,9 @@ class FastPrefTrainer(Trainer):
         if self.ref_model is not None:
             return self.forward_logps(self.ref_model, inputs, prefix).logps
         policy = self.accelerator.unwrap_model(self.model)
-        if not _is_peft_model(policy):  # pragma: no cover - guarded in __init__
+        if not is_peft_model(policy):  # pragma: no cover - guarded in __init__
             raise RuntimeError("no reference model")
-        with policy.disable_adapter():
+        with reference_adapter(policy):
             return self.forward_logps(policy, inputs, prefix).logps
 
     # ----------------------------------------------------------------------------------------- Trainer API

@@ -8,6 +8,8 @@ architectures apply (scaling, soft-capping, vocabulary trimming) are read from c
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import warnings
 from typing import Any, Callable, Optional
@@ -325,3 +327,24 @@ def verify_head(model: nn.Module, backbone: nn.Module, original_forward: Callabl
             f"{', '.join(transform.sources) or 'no config attribute'}): max error {float(err.max()):.3g}. "
             "Its head has a transform fastpref does not know; pass verify=False only if you are sure.")
     return True
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """A PEFT ``PeftModel`` (duck-typed: ``peft_config`` and ``get_base_model``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+@contextlib.contextmanager
+def reference_adapter(model: nn.Module):
+    """TRL's reference for a PEFT policy: the ``"ref"`` adapter when the model has one (a pretrained adapter
+    that TRL copied at construction), else every adapter disabled (the base model)."""
+    if "ref" in getattr(model, "peft_config", {}):
+        previous = model.active_adapter
+        model.set_adapter("ref")
+        try:
+            yield
+        finally:
+            model.set_adapter(previous)
+    else:
+        with model.disable_adapter():
+            yield

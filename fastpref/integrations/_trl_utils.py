@@ -18,27 +18,6 @@ from ._hf_utils import find_backbone, find_causal_lm
 PROMPT, RESPONSE = 1, 2
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    """A PEFT ``PeftModel`` (duck-typed: ``peft_config`` and ``get_base_model``)."""
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
-
-
-@contextlib.contextmanager
-def reference_adapter(model: nn.Module):
-    """TRL's reference for a PEFT policy: the ``"ref"`` adapter when the model has one (a pretrained adapter
-    that TRL copied at construction), else every adapter disabled (the base model)."""
-    if "ref" in getattr(model, "peft_config", {}):
-        previous = model.active_adapter
-        model.set_adapter("ref")
-        try:
-            yield
-        finally:
-            model.set_adapter(previous)
-    else:
-        with model.disable_adapter():
-            yield
-
-
 @contextlib.contextmanager
 def no_gradient_checkpointing(model: nn.Module, gradient_checkpointing_kwargs: Optional[dict] = None):
     """Turn gradient checkpointing off for a no-grad (reference) forward and back on afterwards, as TRL does

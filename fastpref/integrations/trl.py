@@ -84,6 +84,8 @@ constructor checks that the TRL it runs on has the pieces it relies on and raise
 
 from __future__ import annotations
 
+import contextlib
+
 import inspect
 import math
 import os
@@ -104,15 +106,8 @@ from ..losses.dpo import dpo_loss, simpo_loss
 from ..losses.drdo import drdo_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
-from ._hf_utils import find_backbone, find_causal_lm, head_parameters, resolve_head
-from ._trl_utils import (
-    ExtraColumnsCollator,
-    capture_backbone_hidden,
-    is_peft_model,
-    ld_segment_ids,
-    no_gradient_checkpointing,
-    reference_adapter,
-)
+from ._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
+from ._trl_utils import ExtraColumnsCollator, capture_backbone_hidden, ld_segment_ids, no_gradient_checkpointing
 from .transformers import _STATE, _targets, patch
 
 __all__ = ["FastPrefDPOTrainer", "METHODS", "ORACLE_COLUMNS", "INDEX_COLUMN"]
@@ -348,7 +343,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         kwargs = self._model_kwargs(inputs, ld=getattr(self.args, "ld_alpha", None) is not None)
         kwargs.pop("output_router_logits", None)
         unwrapped = self.accelerator.unwrap_model(model)
-        adapter = reference_adapter(unwrapped) if self.ref_model is None and is_peft_model(unwrapped) else _null()
+        adapter = reference_adapter(unwrapped) if self.ref_model is None and is_peft_model(unwrapped) else contextlib.nullcontext()
         self._fastpref_patch(model)
         with torch.no_grad(), no_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
                 adapter, self.accelerator.autocast():
@@ -510,14 +505,6 @@ class FastPrefDPOTrainer(DPOTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- checks
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_trl(config: DPOConfig) -> None:
