@@ -26,3 +26,13 @@ def test_methods_step_smoke(tmp_path):
     assert {r["impl"] for r in rows} == {"dpo", "ipo", "simpo", "pro-pairwise", "pro-binary", "pro-scalar", "dro",
                                          "typo", "auxdpo", "drdo"}
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_trl_step_smoke(tmp_path):
+    pytest.importorskip("trl")
+    from benchmarks import trl_step
+
+    assert trl_step.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "trl_step.json").read_text())["rows"]}
+    assert set(rows) == {"stock", "fastpref"}
+    assert rows["fastpref"]["first_loss"] == pytest.approx(rows["stock"]["first_loss"], rel=1e-4)
