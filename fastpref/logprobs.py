@@ -57,7 +57,8 @@ class _Layout(NamedTuple):
     num_sequences: int
 
 
-def _triton_usable(device: torch.device) -> bool:
+def triton_usable(device: torch.device) -> bool:
+    """Triton importable, and the tensors on CUDA (or on the CPU under ``TRITON_INTERPRET=1``)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -71,9 +72,9 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if hidden.device.type == "cuda" and _triton_usable(hidden.device) else "torch"
+        backend = "triton" if hidden.device.type == "cuda" and triton_usable(hidden.device) else "torch"
     if backend == "triton":
-        if not _triton_usable(hidden.device):
+        if not triton_usable(hidden.device):
             raise ValueError(
                 f"`backend='triton'` needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors) and an importable "
                 f"triton; got a {hidden.device.type} tensor. Use backend='torch' or 'auto'."

@@ -34,15 +34,9 @@ from __future__ import annotations
 
 import torch
 
+from fastpref.logprobs import triton_usable
+
 BACKENDS = ("auto", "triton", "torch")
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def use_fused(backend: str, *tensors: torch.Tensor, fn: str | None = None) -> bool:
@@ -59,12 +53,9 @@ def use_fused(backend: str, *tensors: torch.Tensor, fn: str | None = None) -> bo
         return False
     device = tensors[0].device
     if backend == "auto":
-        ok = device.type == "cuda" and _triton_importable()
+        ok = device.type == "cuda" and triton_usable(device)
     else:
-        from fastpref.kernels.config import interpreter_active
-
-        usable = _triton_importable() and (device.type == "cuda" or (device.type == "cpu" and interpreter_active()))
-        if not usable:
+        if not triton_usable(device):
             raise ValueError(
                 f"{prefix}`backend='triton'` needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and an "
                 f"importable triton; got {device.type} tensors. Use backend='torch' or 'auto'."
