@@ -7,6 +7,11 @@
 One program per (row block, vocabulary block) rebuilds its logits tile once, forms ``dz`` in registers and
 adds its contributions to ``dH`` and ``dW`` (fp32 accumulators, atomic adds) one ``BLOCK_D`` slice at a time.
 Rows are gathered by index; the caller passes only rows with ``g_t != 0``.
+
+Memory: ``dH`` accumulates in fp32 ``[M, D]`` (O(tokens)). ``dW`` accumulates in an fp32 buffer of
+``vocab_chunk`` rows only: the launcher walks the vocabulary in chunks (one launch each, same arithmetic) and
+writes each finished chunk into the ``dW`` output in its final dtype, so no ``V x D`` fp32 buffer exists
+unless fp32 is the output dtype.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import triton
 import triton.language as tl
 
 from .config import backward_config, dot_precision, upcast_dot_operands
+
+DW_BUFFER_BYTES = 64 * 2**20  # the fp32 dW accumulator of one vocabulary chunk
 from .logits_tile import logits_epilogue, logits_tile
 
 
 @triton.jit
 def _linear_logprob_backward_kernel(
     H, W, B, ROWS, LABELS, LSE, GRAD, DH, DW, DB,
-    M, V, D, stride_h, stride_w, stride_dh, stride_dw,
+    M, v_begin, v_end, D, stride_h, stride_w, stride_dh, stride_dw,
     scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
@@ -39,8 +46,8 @@ def _linear_logprob_backward_kernel(
     labels = tl.load(LABELS + offs_m, mask=m_mask, other=-1).to(tl.int64)
     lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
     g = tl.load(GRAD + offs_m, mask=m_mask, other=0.0)
-    offs_v = (pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    v_mask = offs_v < V
+    offs_v = (v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    v_mask = offs_v < v_end
 
     acc = logits_tile(H, W, rows, m_mask, offs_v, v_mask, D, stride_h, stride_w,
                       UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
@@ -73,7 +80,7 @@ def _linear_logprob_backward_kernel(
             if UPCAST:
                 h = h.to(tl.float32)
             dw = tl.dot(tl.trans(dz_op), h, input_precision=DOT_PRECISION)
-            tl.atomic_add(DW + offs_v[:, None] * stride_dw + offs_d[None, :], dw,
+            tl.atomic_add(DW + (offs_v - v_begin)[:, None] * stride_dw + offs_d[None, :], dw,
                           mask=v_mask[:, None] & d_mask[None, :])
 
 
@@ -91,32 +98,59 @@ def linear_logprob_backward(
     compute_dh: bool = True,
     compute_dw: bool = True,
     compute_db: bool = True,
+    dw_dtype: Optional[torch.dtype] = None,
+    vocab_chunk: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """fp32 ``dH [M, D]`` (for the gathered rows, in ``rows`` order), ``dW [V, D]`` and ``db [V]``.
+    """fp32 ``dH [M, D]`` (for the gathered rows, in ``rows`` order), ``dW [V, D]`` (in ``dw_dtype``, default
+    the weight's) and fp32 ``db [V]``.
 
     ``grad [M]`` is ``dL/dlp`` per row. A gradient that is not asked for is returned as ``None`` and its
-    work is skipped at compile time (a frozen head costs no ``dW`` matmul).
+    work is skipped at compile time (a frozen head costs no ``dW`` matmul). ``vocab_chunk`` bounds the fp32
+    ``dW`` accumulator (default: ``DW_BUFFER_BYTES``); the frozen-head path needs none and runs one launch.
     """
     M, (V, D) = rows.numel(), weight.shape
     device = hidden.device
     compute_db = compute_db and bias is not None
+    dw_dtype = weight.dtype if dw_dtype is None else dw_dtype
     dh = torch.zeros((M, D), dtype=torch.float32, device=device) if compute_dh else None
-    dw = torch.zeros((V, D), dtype=torch.float32, device=device) if compute_dw else None
     db = torch.zeros((V,), dtype=torch.float32, device=device) if compute_db else None
+    if compute_dw:
+        dw = (torch.zeros if M == 0 else torch.empty)((V, D), dtype=dw_dtype, device=device)
+    else:
+        dw = None
     if M == 0 or not (compute_dh or compute_dw or compute_db):
         return dh, dw, db
     cfg = backward_config(hidden.dtype)
+    if not compute_dw:
+        chunk = V
+    elif vocab_chunk is not None:
+        chunk = max(1, int(vocab_chunk))
+    elif dw_dtype == torch.float32:
+        chunk = V  # the output itself is the fp32 accumulator
+    else:
+        chunk = max(cfg.block_v, DW_BUFFER_BYTES // (4 * D) // cfg.block_v * cfg.block_v)
+    accumulate_in_output = compute_dw and chunk >= V and dw_dtype == torch.float32
+    buffer = None
+    if compute_dw:
+        buffer = dw.zero_() if accumulate_in_output else torch.empty((min(chunk, V), D), dtype=torch.float32, device=device)
     dummy = lse  # any fp32 tensor: pointer arguments of disabled branches are never read
-    grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(V, cfg.block_v))
-    _linear_logprob_backward_kernel[grid](
-        hidden, weight, bias if bias is not None else weight, rows, labels, lse, grad.to(torch.float32).contiguous(),
-        dh if dh is not None else dummy, dw if dw is not None else dummy, db if db is not None else dummy,
-        M, V, D, hidden.stride(0), weight.stride(0), D, D,
-        float(logit_scale), float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
-        UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grad32 = grad.to(torch.float32).contiguous()
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        if compute_dw and not accumulate_in_output:
+            buffer.zero_()
+        grid = (triton.cdiv(M, cfg.block_m), triton.cdiv(v1 - v0, cfg.block_v))
+        _linear_logprob_backward_kernel[grid](
+            hidden, weight, bias if bias is not None else weight, rows, labels, lse, grad32,
+            dh if dh is not None else dummy, buffer if buffer is not None else dummy, db if db is not None else dummy,
+            M, v0, v1, D, hidden.stride(0), weight.stride(0), D, D,
+            float(logit_scale), float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+            COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db,
+            UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if compute_dw and not accumulate_in_output:
+            dw[v0:v1] = buffer[: v1 - v0]
     return dh, dw, db

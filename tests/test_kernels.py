@@ -134,3 +134,28 @@ def test_torch_backend_gradcheck_float64():
         return out.response, out.prompt
 
     assert torch.autograd.gradcheck(f, (leaf(h), leaf(w), leaf(b)))
+
+
+@pytest.mark.parametrize("chunk", [37, 64, 1000])
+def test_triton_backward_vocabulary_chunks_match_one_launch(chunk):
+    hidden, weight, rows, labels = _rows_problem(seed=33)
+    bias = torch.randn(weight.shape[0])
+    lp, lse = triton_fused.forward(hidden, weight, bias, rows, labels, softcap=5.0)
+    grad = torch.randn(rows.numel())
+    one = triton_fused.backward(hidden, weight, bias, rows, labels, lse, grad, softcap=5.0, vocab_chunk=10**6)
+    many = triton_fused.backward(hidden, weight, bias, rows, labels, lse, grad, softcap=5.0, vocab_chunk=chunk)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [torch_chunked, triton_fused])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weight_gradient_comes_in_the_weight_dtype(backend, dtype):
+    hidden, weight, rows, labels = _rows_problem(seed=35, dtype=dtype)
+    _, lse = backend.forward(hidden, weight, None, rows, labels)
+    grad = torch.randn(rows.numel())
+    dh, dw, _ = backend.backward(hidden, weight, None, rows, labels, lse, grad)
+    assert dw.dtype == dtype and dh.dtype == torch.float32
+    _, dw32, _ = backend.backward(hidden, weight, None, rows, labels, lse, grad, dw_dtype=torch.float32)
+    assert dw32.dtype == torch.float32
+    torch.testing.assert_close(dw.float(), dw32.to(dtype).float())

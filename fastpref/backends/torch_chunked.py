@@ -87,16 +87,18 @@ def backward(
     compute_dh: bool = True,
     compute_dw: bool = True,
     compute_db: bool = True,
+    dw_dtype: Optional[torch.dtype] = None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``dH`` (gathered rows), ``dW``, ``db`` of ``sum_t grad_t * lp_t``; ``None`` for what is not asked."""
+    """``dH`` (gathered rows), ``dW`` (in ``dw_dtype``, default the weight's: each vocabulary chunk is written
+    once, from its own accumulator), ``db`` of ``sum_t grad_t * lp_t``; ``None`` for what is not asked."""
     cdt = compute_dtype(hidden.dtype)
     M, (V, D) = rows.numel(), weight.shape
     compute_db = compute_db and bias is not None
     dev = hidden.device
     dh = torch.zeros((M, D), dtype=cdt, device=dev) if compute_dh else None
-    dw = torch.empty((V, D), dtype=cdt, device=dev) if compute_dw else None
+    dw = torch.empty((V, D), dtype=weight.dtype if dw_dtype is None else dw_dtype, device=dev) if compute_dw else None
     db = torch.empty((V,), dtype=cdt, device=dev) if compute_db else None
     h_all = hidden.index_select(0, rows).to(cdt)
     g_all = grad.to(cdt)

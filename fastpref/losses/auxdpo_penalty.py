@@ -238,7 +238,7 @@ def head_null_penalty(
     sel = (lambda x: x) if all_active else (lambda x: x[active])  # noqa: E731
     _, g_weight, g_bias = impl.backward(
         hidden2d, weight, bias, sel(rows), sel(row_labels), lse_a, sel(row_weight),
-        compute_dh=False, compute_dw=True, compute_db=bias is not None, **options)
+        compute_dh=False, compute_dw=True, compute_db=bias is not None, dw_dtype=cdt, **options)
     penalty = g_weight.to(cdt).square().sum()
     if g_bias is not None:
         penalty = penalty + g_bias.to(cdt).square().sum()
