@@ -44,9 +44,11 @@ def dpo_from_logps(pol, ref, beta=0.1):
     return -F.logsigmoid(beta * ((c - rc) - (r - rr))).mean()
 
 
-def naive_logps(H, W, lab):
-    """TRL-style: materialize logits, log_softmax, gather, mask, sum."""
+def naive_logps(H, W, lab, softcap=None):
+    """TRL-style: materialize logits, log_softmax, gather, mask, sum (``softcap=c``: ``c * tanh(z / c)`` in fp32)."""
     logits = (H @ W.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits.div_(softcap))  # in place on the fp32 copy, which autograd does not save
     lp = torch.log_softmax(logits, -1)
     m = lab != -100
     tok = torch.gather(lp, -1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -87,6 +89,8 @@ def bench(name: str, step: Callable, params: list, device, iters: int, warmup: i
 
     ``step()`` runs one step and returns ``(loss, parts)`` where ``parts`` maps a phase name to its ms
     (measured inside the step, e.g. forward / backward); parts are reported as medians too.
+    As ``shared/anchors/anchor_bench.py`` does, the base is read with the last warm-up's gradients still
+    allocated, so the peak leaves out the ``.grad`` tensors themselves (which every implementation produces).
     """
     _sync(device)
     gc.collect()
@@ -97,8 +101,6 @@ def bench(name: str, step: Callable, params: list, device, iters: int, warmup: i
             p.grad = None
         step()
     _sync(device)
-    for p in params:
-        p.grad = None
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -117,6 +119,52 @@ def bench(name: str, step: Callable, params: list, device, iters: int, warmup: i
     row = {"impl": name, "median_ms": med(times), "min_ms": min(times), "peak_extra_gib": peak, "loss": float(loss.detach())}
     row.update({f"{k}_ms": med(v) for k, v in parts.items()})
     return row
+
+
+def dpo_step(logps: Callable, *, timed: bool = False) -> Callable:
+    """A DPO step of the head from any ``logps(H, W, lab) -> [B]``: reference pass under ``no_grad``, policy
+    pass, :func:`dpo_from_logps`, backward; ``step(W, H, Href, lab) -> (loss, parts)`` as :func:`bench`
+    wants it. ``timed=True`` also times the policy forward and the backward apart (parts)."""
+    def step(W, H, Href, lab):
+        with torch.no_grad():
+            ref = logps(Href, W, lab)
+        if not timed:
+            loss = dpo_from_logps(logps(H, W, lab), ref)
+            loss.backward()
+            return loss, {}
+        with Timer(H.device) as tf:
+            pol = logps(H, W, lab)
+        loss = dpo_from_logps(pol, ref)
+        with Timer(H.device) as tb:
+            loss.backward()
+        return loss, {"policy_forward": tf.ms, "policy_backward": tb.ms}
+    return step
+
+
+@torch.no_grad()
+def float64_logps(H, W, lab, *, softcap=None, chunk_bytes: int = 2**30):
+    """What :func:`naive_logps` computes, in float64 from the same (bf16) inputs, without an ``N x V`` buffer:
+    the scored rows (label != -100) in chunks of at most ``chunk_bytes`` of float64 logits. No gradients.
+    Returns ``(logp [B] float64, scored tokens)``."""
+    from fastpref.reference import token_logprobs_reference
+
+    B, T, D = H.shape
+    h, y = H.detach().reshape(-1, D), lab.reshape(-1)
+    idx = torch.nonzero(y != -100).squeeze(1)
+    W64 = W.detach().double()
+    rows = max(1, chunk_bytes // (8 * W.shape[0]))
+    out = torch.zeros(B, dtype=torch.float64, device=H.device)
+    for s in range(0, idx.numel(), rows):
+        i = idx[s:s + rows]
+        out.index_add_(0, i // T, token_logprobs_reference(h[i].double(), W64, y[i], softcap=softcap))
+    return out, int(idx.numel())
+
+
+def free_memory(device) -> None:
+    """Collect garbage and return cached blocks on CUDA (where memory is measured); nothing elsewhere."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def versions() -> dict:

@@ -117,11 +117,12 @@ def naive_step(W, H, Href, lab):
     return loss, {}
 
 
-def liger_step():
+def liger_step(**liger_kwargs):
+    """Liger's fused-linear DPO loss (extra constructor arguments, e.g. ``softcap``, where it takes them)."""
     mod = optional_import("liger_kernel.chunked_loss")
     if mod is None:
         return None
-    fn = mod.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=True)
+    fn = mod.LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=True, **liger_kwargs)
 
     def step(W, H, Href, lab):
         out = fn(W, H, lab, None, Href, W.detach(), None)
