@@ -160,6 +160,17 @@ def float64_logps(H, W, lab, *, softcap=None, chunk_bytes: int = 2**30):
     return out, int(idx.numel())
 
 
+def guarded(name: str, measure: Callable[[], dict], device) -> dict:
+    """``measure()``'s row, or, when it raises (out of memory, a broken or missing anchor), an error row; the
+    run goes on either way, with the allocator's cache released."""
+    try:
+        row = measure()
+    except Exception as ex:  # noqa: BLE001 - recorded in the results, not hidden
+        row = {"impl": name, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+    free_memory(device)
+    return row
+
+
 def free_memory(device) -> None:
     """Collect garbage and return cached blocks on CUDA (where memory is measured); nothing elsewhere."""
     if device.type == "cuda":

@@ -25,8 +25,8 @@ import torch
 import fastpref
 from fastpref.reference import token_logprobs_reference
 
-from .common import (Timer, add_shape_args, bench, dpo_from_logps, make_inputs, markdown_table, naive_logps,
-                     optional_import, resolve_device, versions, write_results)
+from .common import (Timer, add_shape_args, bench, dpo_from_logps, guarded, make_inputs, markdown_table,
+                     naive_logps, optional_import, resolve_device, versions, write_results)
 
 
 # ----------------------------------------------------------------------------------------------- correctness
@@ -169,12 +169,7 @@ def timing(a, device):
         if step is None:
             rows.append({"impl": name, "error": "package not installed"})
             continue
-        try:
-            r = bench(name, lambda: step(W, H, Href, lab), [W, H], device, a.iters)
-        except Exception as ex:  # OOM or a broken anchor: record it and go on
-            r = {"impl": name, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        r = guarded(name, lambda: bench(name, lambda: step(W, H, Href, lab), [W, H], device, a.iters), device)
         r.update(N=H.shape[0] * H.shape[1], D=a.D, V=a.V, prompt_frac=a.prompt_frac, peaked=a.peaked)
         rows.append(r)
         print(json.dumps(r), flush=True)

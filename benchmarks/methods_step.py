@@ -19,7 +19,8 @@ import torch
 
 import fastpref
 
-from .common import add_shape_args, bench, make_inputs, markdown_table, resolve_device, versions, write_results
+from .common import (add_shape_args, bench, guarded, make_inputs, markdown_table, resolve_device, versions,
+                     write_results)
 
 
 def _segments(lab, prompt_frac):
@@ -79,12 +80,7 @@ def run(a, device):
             loss, _ = mod(H, W, labels, s, **kw)
             loss.backward()
             return loss, {}
-        try:
-            r = bench(name, step, params, device, a.iters)
-        except Exception as ex:  # record and go on
-            r = {"impl": name, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        r = guarded(name, lambda: bench(name, step, params, device, a.iters), device)
         r.update(N=H.shape[0] * H.shape[1], D=a.D, V=a.V, prompt_frac=a.prompt_frac)
         rows.append(r)
         print(json.dumps(r), flush=True)

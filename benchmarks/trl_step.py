@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .common import markdown_table, versions, write_results
+from .common import guarded, markdown_table, versions, write_results
 
 
 def _tokenizer(vocab_size: int):
@@ -137,12 +137,7 @@ def main(argv=None):
     data = _dataset(a.batch * (a.warmup + a.steps), a.vocab, prompt_len, completion_len)
     rows = []
     for name in a.impls.split(","):
-        try:
-            row = run_one(name, a, device, tokenizer, data, _model(a).to(device))
-        except Exception as ex:  # OOM or a missing package: record it and go on
-            row = {"impl": name, "error": f"{type(ex).__name__}: {str(ex)[:300]}"}
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        row = guarded(name, lambda: run_one(name, a, device, tokenizer, data, _model(a).to(device)), device)
         rows.append(row)
         print(json.dumps(row), flush=True)
     table = (f"# TRL DPO training step, ~{rows[0].get('params_m', 0):.0f}M-parameter Llama "
