@@ -6,7 +6,7 @@ index) and each group's ``start`` and ``count`` (CSR offsets, like ``cu_seqlens`
 
     r_k       = beta (lp_k - ref_k)
     lse       = m + log1p(sum_{k != argmax} e^{lp_k - m})              (as Groups.logsumexp; same for ref)
-    r_h       = beta (log1mexp(lse) - log1mexp(ref_lse))              ('exact';  r_h = 0 for 'zero')
+    r_h       = beta (slog1mexp(lse) - slog1mexp(ref_lse))            ('exact';  r_h = 0 for 'zero')
     shat_k    = (1/K) sum_j sigma((R_k - R_j) / tau) - 1/2,   nu = (1 - eta) / K
     L_g       = -sum_k shat_k r_k / K + alpha/2 (nu^2 sum_{k,j} f(r_k - r_j) + 2 eta nu sum_k f(r_k - r_h)
                                                   + eta^2 log 2)
@@ -16,9 +16,11 @@ and the closed-form gradients (``f' (x) = sigma(x) - 1/2``, odd; ``sigma'_{kj} =
 
     dL/dr_k   = -shat_k / K + alpha (nu^2 sum_j f'(r_k - r_j) + eta nu f'(r_k - r_h))
     dL/dr_h   = -alpha eta nu sum_k f'(r_k - r_h)
-    dL/dlp_k  = beta dL/dr_k + dL/dr_h * (-beta e^{lp_k - logpi_h})          (the last term only when 'exact')
+    dL/dlp_k  = beta dL/dr_k + dL/dr_h * beta slog1mexp'(lse) e^{lp_k - lse}   (the last term only when 'exact')
     dL/dR_k   = -(1 / (K^2 tau)) sum_j sigma'_{kj} (r_k - r_j)
 
+``eta`` and ``alpha`` are per group (``ETA[g]``, ``ALPHA[g]``: PRO-S's defaults depend on K).  ``slog1mexp`` is
+``safe_log1mexp`` (``log(1 - e^a)``, continued linearly above ``a = -2^-24``; finite at a log-prob of 0).
 The ``K x K`` terms are built in column chunks of ``BLOCK_J`` (tile ``BLOCK_K x BLOCK_J <= 4096``).  Every value
 and gradient is multiplied by ``scale`` (``1/G``: the loss is the mean over groups); the gradients are stored
 straight at the members' row positions, the group terms at ``out_group[g]`` (loss = their sum, on the host).
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .config import interpreter_active, output_buffer
-from .scalar_math import log1mexp, log1p, pro_f, pro_fprime, sigmoid
+from .scalar_math import log1p, pro_f, pro_fprime, safe_log1mexp, safe_log1mexp_grad, sigmoid
 
 MAX_GROUP = 1024  # larger groups: the callers fall back to PyTorch
 
@@ -47,13 +49,15 @@ def _group_lse(x, mk, offs_k, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _pro_scalar_kernel(
-    LP, REF, R, ROWS, STARTS, COUNTS, OUT_GROUP, OUT,
-    N, beta, alpha, eta, tau, scale,
+    LP, REF, R, ROWS, STARTS, COUNTS, ETA, ALPHA, OUT_GROUP, OUT,
+    N, beta, tau, scale,
     EXACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     g = tl.program_id(0)
     start = tl.load(STARTS + g)
     count = tl.load(COUNTS + g)
+    eta = tl.load(ETA + g)
+    alpha = tl.load(ALPHA + g)
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < count
     rows_k = tl.load(ROWS + start + offs_k, mask=mk, other=0)
@@ -65,10 +69,10 @@ def _pro_scalar_kernel(
     nu = (1.0 - eta) / kf
 
     if EXACT:
-        logpi_h = log1mexp(_group_lse(lp_k, mk, offs_k, BLOCK_K))
-        r_h = beta * (logpi_h - log1mexp(_group_lse(ref_k, mk, offs_k, BLOCK_K)))
+        lse = _group_lse(lp_k, mk, offs_k, BLOCK_K)
+        r_h = beta * (safe_log1mexp(lse) - safe_log1mexp(_group_lse(ref_k, mk, offs_k, BLOCK_K)))
     else:
-        logpi_h = 0.0
+        lse = 0.0
         r_h = 0.0
 
     sig_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -103,7 +107,7 @@ def _pro_scalar_kernel(
     g_lp = beta * d_rk
     if EXACT:
         d_rh = -alpha * eta * nu * tl.sum(tl.where(mk, fh, 0.0), axis=0)
-        g_lp += d_rh * (-beta * tl.exp(lp_k - logpi_h))
+        g_lp += d_rh * beta * safe_log1mexp_grad(lse) * tl.exp(lp_k - lse)
     g_R = -dR_sum / (kf * kf * tau)
     tl.store(OUT + rows_k, g_lp * scale, mask=mk)
     tl.store(OUT + N + rows_k, g_R * scale, mask=mk)
@@ -119,28 +123,28 @@ def pro_scalar_loss(
     kmax: int,
     *,
     beta: float,
-    alpha: float,
-    eta: float,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
     tau: float,
     exact: bool,
 ):
     """One launch over the ``G = counts.numel()`` groups.  Returns ``(group_terms [G], grads [2, N])`` fp32:
     ``grads[0] = dL/dlp``, ``grads[1] = dL/dR`` in row order, all already scaled by ``1/G``; ``L = group_terms.sum()``.
     ``rows`` (int32/int64, group order), ``starts``, ``counts`` (int32) as described in the module docstring;
-    ``kmax <= MAX_GROUP`` the largest count."""
+    ``kmax <= MAX_GROUP`` the largest count; ``eta``, ``alpha``: per-group ``[G]`` tensors."""
     if kmax > MAX_GROUP:
         raise ValueError(f"pro_scalar_loss: groups of up to {MAX_GROUP} rows, got {kmax}")
     n = lp.numel()
     num_groups = counts.numel()
     f32 = lambda t: t.detach().to(torch.float32).contiguous()  # noqa: E731
-    lp, ref, rewards = f32(lp), f32(ref), f32(rewards)
+    lp, ref, rewards, eta, alpha = f32(lp), f32(ref), f32(rewards), f32(eta), f32(alpha)
     out_group = output_buffer((num_groups,), torch.float32, lp.device)
     out = output_buffer((2, n), torch.float32, lp.device)
     block_k = max(2, triton.next_power_of_2(kmax))
     block_j = max(1, min(block_k, 4096 // block_k))
     _pro_scalar_kernel[(num_groups,)](
-        lp, ref, rewards, rows.contiguous(), starts.contiguous(), counts.contiguous(), out_group, out,
-        n, float(beta), float(alpha), float(eta), float(tau), 1.0 / num_groups,
+        lp, ref, rewards, rows.contiguous(), starts.contiguous(), counts.contiguous(), eta, alpha, out_group, out,
+        n, float(beta), float(tau), 1.0 / num_groups,
         EXACT=bool(exact), BLOCK_K=block_k, BLOCK_J=block_j,
         num_warps=1 if interpreter_active() else 4,
     )

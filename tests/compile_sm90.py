@@ -102,8 +102,8 @@ def loss_kernels():
     for exact in (True, False):
         compile_one(f"loss_grouped pro_scalar exact={exact}", LG._pro_scalar_kernel,
                     {"LP": "*fp32", "REF": "*fp32", "R": "*fp32", "ROWS": "*i64", "STARTS": "*i64", "COUNTS": "*i64",
-                     "OUT_GROUP": "*fp32", "OUT": "*fp32"},
-                    {"N": "i32", "beta": "fp32", "alpha": "fp32", "eta": "fp32", "tau": "fp32", "scale": "fp32"},
+                     "ETA": "*fp32", "ALPHA": "*fp32", "OUT_GROUP": "*fp32", "OUT": "*fp32"},
+                    {"N": "i32", "beta": "fp32", "tau": "fp32", "scale": "fp32"},
                     {"EXACT": exact, "BLOCK_K": 64, "BLOCK_J": 32})
 
 
