@@ -240,7 +240,7 @@ def test_drdo_rewards_see_the_last_response_token():
     rows = fastpref.heads.base.last_response_rows(labels, seg)
     assert rows.tolist() == [9, T + 9]
     rhat = mod.reward_head(h.reshape(-1, D)[rows]).squeeze(-1)
-    assert abs(float(rhat[0] - rhat[1])) > 1e-4
+    assert abs(float((rhat[0] - rhat[1]).detach())) > 1e-4
     labels[0, -1], seg[0, -1] = 5, 2  # a response labeled on the last row has no hidden row for its last token
     with pytest.raises(ValueError, match="sequence 0.*reward_hidden"):
         fastpref.heads.base.last_response_rows(labels, seg)
