@@ -377,7 +377,7 @@ def _plain_logps(model, batch):
     token = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     mask = completion[:, 1:].bool() & attention[:, 1:].bool()
     logps = (token * mask).sum(1)
-    last = torch.stack([torch.nonzero(m)[-1, 0] for m in mask])  # row t predicts token t + 1
+    last = torch.stack([torch.nonzero(m)[-1, 0] for m in mask]) + 1  # row t predicts token t + 1: read row t + 1
     return logps, hidden[torch.arange(ids.shape[0]), last], mask.sum(1).float(), logits, hidden
 
 
