@@ -1,4 +1,4 @@
-"""DRDO's oracle stage (METHODS.md section 6): the oracle's rewards ``R*`` for the student run.
+"""DRDO's oracle stage (docs/methods.md section 6): the oracle's rewards ``R*`` for the student run.
 
 DRDO distills an oracle reward model into the policy. The oracle is trained first
 (:class:`fastpref.trainer.DRDOOracleTrainer`: a causal LM with a reward head on the hidden state of the last response
@@ -60,7 +60,7 @@ def annotate_oracle_rewards(
     backend: str = "auto",
     columns: tuple[str, str] = ORACLE_COLUMNS,
 ):
-    """Annotate preference pairs with a trained oracle's rewards ``R*`` (DRDO's oracle stage, METHODS.md section 6).
+    """Annotate preference pairs with a trained oracle's rewards ``R*`` (DRDO's oracle stage, docs/methods.md section 6).
 
     Args:
         model: the oracle causal LM (patched here if it is not yet; its own ``forward`` is unchanged).

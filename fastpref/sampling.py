@@ -1,4 +1,4 @@
-"""Responses sampled from the reference model, for TYPO's unsupervised term (METHODS.md section 4).
+"""Responses sampled from the reference model, for TYPO's unsupervised term (docs/methods.md section 4).
 
 TYPO ("New Desiderata for Direct Preference Optimization", seed 002) adds ``lam * E[-log pi(y_u)]`` over responses
 ``y_u`` sampled from the reference (SFT) model. The seed samples **one response per prompt** with temperature 1,

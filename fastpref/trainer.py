@@ -395,7 +395,7 @@ class BinaryFeedbackTrainer(FastPrefTrainer):
     Data: one example per completion, ``{"prompt_input_ids", "completion_input_ids", "label"}`` (label True/1 =
     desirable), collated by :class:`fastpref.collators.BinaryFeedbackCollator`.
 
-    * PRO-B (METHODS.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="binary"``)::
+    * PRO-B (docs/methods.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="binary"``)::
 
           L_row = w_z (-(z - 1/2) r_y + lam f(r_y - r_h)),   r = beta (logp - ref_logp),  h = hyper response
 
@@ -487,12 +487,12 @@ class ScalarFeedbackTrainer(FastPrefTrainer):
     (``per_device_train_batch_size`` counts prompts). Regroup one-row-per-completion data with
     :func:`fastpref.collators.group_rows`.
 
-    * PRO-S (METHODS.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="scalar"``): needs K >= 2 per
+    * PRO-S (docs/methods.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="scalar"``): needs K >= 2 per
       prompt. ``beta=0.1``; ``eta=None`` (per group ``1/(K+1)``: the seed's "all pairs contribute equally"),
       ``alpha=None`` (``lam / (eta (1-eta))``: the regularizer scaled to PRO-B's ``lam``), ``lam=2.0`` (ours),
       ``tau=1.0`` (score temperature, ours), ``hyper_response="exact"``. Existence (checked):
       ``alpha (1-eta)(K-1+eta) > K-1`` in every group (with the defaults: ``lam > (K-1)/K^2``, at most 1/4).
-    * DRO (METHODS.md section 3, :func:`fastpref.losses.dro_loss`; seed "Direct Reward Optimization: A Point-wise
+    * DRO (docs/methods.md section 3, :func:`fastpref.losses.dro_loss`; seed "Direct Reward Optimization: A Point-wise
       Alignment Approach"): ``(R - beta rho - beta log Z)^2`` with ``beta log Z = sg(beta (plogp - ref_plogp)) +
       beta log_z0``; the prompt log-prob comes from the same pass (``segment_ids`` prompt = 1). K >= 1.
       ``beta=0.1``, ``log_z0=50.0``: the seed's reported setting (it sweeps ``log_z0`` in [-50, 500]).
@@ -546,7 +546,7 @@ class ScalarFeedbackTrainer(FastPrefTrainer):
 
 
 class TYPOTrainer(FastPrefTrainer):
-    """TYPO (METHODS.md section 4, :func:`fastpref.losses.typo_loss`; seed "New Desiderata for Direct Preference
+    """TYPO (docs/methods.md section 4, :func:`fastpref.losses.typo_loss`; seed "New Desiderata for Direct Preference
     Optimization"), reference-free::
 
         loss = mean_pairs softplus(logp_l - logp_w) + lam * mean_unsup(-logp_u)        (lam = 0.05, the seed's)
@@ -676,7 +676,7 @@ class OracleRewardTrainer(_RewardHeadTrainer):
     oracle and annotates them) or ``reward_chosen``/``reward_rejected`` (e-DPO); rows are the B chosen completions
     then the B rejected ones (TRL layout).
 
-    * DRDO (METHODS.md section 6, :func:`fastpref.losses.drdo_loss`), reference-free::
+    * DRDO (docs/methods.md section 6, :func:`fastpref.losses.drdo_loss`), reference-free::
 
           L = (R*_w - R*_l - (rhat_w - rhat_l))^2 - alpha (1 - p_w)^gamma (logp_w - log1mexp(logp_l))
 
@@ -736,7 +736,7 @@ class OracleRewardTrainer(_RewardHeadTrainer):
 
 
 class DRDOOracleTrainer(_RewardHeadTrainer):
-    """DRDO's oracle stage (METHODS.md section 6): train the oracle reward model, then annotate ``R*``.
+    """DRDO's oracle stage (docs/methods.md section 6): train the oracle reward model, then annotate ``R*``.
 
     The oracle is a causal LM (usually a copy of the SFT model) with a reward head ``r(x, y) = v . h + c`` on the
     hidden state of the last response token, trained on preference pairs with (:func:`fastpref.losses.drdo_oracle_loss`)::
@@ -818,7 +818,7 @@ def with_example_index(dataset, column: str = INDEX_COLUMN):
 
 
 class AuxDPOTrainer(FastPrefTrainer):
-    """AuxDPO (METHODS.md section 5; Gopalan, Ray Chowdhury & Banerjee 2025, "Why DPO is a Misspecified Estimator
+    """AuxDPO (docs/methods.md section 5; Gopalan, Ray Chowdhury & Banerjee 2025, "Why DPO is a Misspecified Estimator
     and How to Fix It"), with the authors' delta layout and optimizer group::
 
         m_i  = beta (rho_w - rho_l + delta_{2i} - delta_{2i+1}),   delta = cap * tanh(delta_raw)

@@ -2,7 +2,7 @@
 
 Rows are grouped by prompt; the host passes the rows in group order (``rows``, a stable argsort of the group
 index) and each group's ``start`` and ``count`` (CSR offsets, like ``cu_seqlens``).  Program ``g`` gathers its
-``K`` members' ``lp, ref, R`` (``BLOCK_K >= K`` lanes), and computes, in fp32 (METHODS.md section 2)::
+``K`` members' ``lp, ref, R`` (``BLOCK_K >= K`` lanes), and computes, in fp32 (docs/methods.md section 2)::
 
     r_k       = beta (lp_k - ref_k)
     lse       = m + log1p(sum_{k != argmax} e^{lp_k - m})              (as Groups.logsumexp; same for ref)

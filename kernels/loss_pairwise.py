@@ -43,7 +43,7 @@ drdo            ``e^2 - alpha F H``, ``e = (x3 - x4) - (x1 - x2)``,    ``dx1 = -
                 ``F = (1-p)^gamma = exp(gamma log sigma(l - c))``,     ``dc = -alpha(F - gamma F p H)``,
                 ``H = c - slog1mexp(l)`` (x = rhat_w, rhat_l, R*;     ``dl = -alpha(gamma F p H - F slog1mexp'(l))``;
                 R* = x3, x4 is data: no gradient)                      no gradient to R* (oracle rewards are data)
-pro_pair        PRO-P (METHODS.md section 2, times 4 outside):         ``dL/dr_w = -1/8 + alpha(nu^2 f'(r_w - r_l) +
+pro_pair        PRO-P (methods section 2, times 4 outside):            ``dL/dr_w = -1/8 + alpha(nu^2 f'(r_w - r_l) +
                 ``-(r_w - r_l)/8 + alpha/2 (nu^2 (2 f(0) + 2 f(r_w -   eta nu f'(r_w - r_h))``, ``dL/dr_h = -alpha eta nu
                 r_l)) + 2 eta nu (f(r_w - r_h) + f(r_l - r_h)) + eta^2 (f'(r_w - r_h) + f'(r_l - r_h))``, ``dr_h/dc =
                 log 2)``; exact ``r_h = beta(slog1mexp(logaddexp(c,   beta slog1mexp'(lse) e^(c - lse)``; 'zero':

@@ -10,7 +10,7 @@ arguments the losses feed it (sequence log-probs from -1e5 to -1e-8, their diffe
                        of ``u`` cancels: exact to a few ulp for every ``y > -1``)
 ``expm1(x)``           Kahan's dual trick for ``|x| < ln 2``: ``u = e^x``; ``x`` if ``u == 1`` else
                        ``(u - 1) * x / log(u)``; ``e^x - 1`` otherwise (no cancellation there)
-``log1mexp(a)``        ``log(1 - e^a)``, ``a < 0`` (METHODS.md section 0): ``log(-expm1(a))`` for ``a > -ln 2``,
+``log1mexp(a)``        ``log(1 - e^a)``, ``a < 0`` (methods section 0): ``log(-expm1(a))`` for ``a > -ln 2``,
                        ``log1p(-e^a)`` otherwise; each branch sees a clamped argument
 ``recip_expm1_neg(a)`` ``1 / expm1(-a) = -d log1mexp(a) / da``, ``a < 0`` (argument clamped at 80: ``e^-80`` is the
                        answer to fp32 precision beyond it)

@@ -25,7 +25,7 @@ NULL_PENALTIES = ("head", "params", None)
 
 class AuxDPOLoss(FusedHeadLoss):
     r"""AuxDPO (Gopalan, Ray Chowdhury & Banerjee 2025, "Why DPO is a Misspecified Estimator and How to Fix It";
-    METHODS.md section 5). Owns ``delta_raw``, an ``nn.Parameter`` of ``2 * num_examples`` entries; the offsets are
+    docs/methods.md section 5). Owns ``delta_raw``, an ``nn.Parameter`` of ``2 * num_examples`` entries; the offsets are
     ``delta = cap * tanh(delta_raw)`` (:attr:`delta`; example ``i``'s chosen offset is ``delta[2i]``, its rejected one
     ``delta[2i+1]``)::
 

@@ -112,7 +112,7 @@ def split_pairs(x: torch.Tensor, name: str = "batch") -> tuple[torch.Tensor, tor
 def last_response_rows(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], *, ignore_index: int = -100,
                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Flat row index ``[S]`` of the hidden state **of** each sequence's last response token: the row whose input is
-    that token, as a reward model reads it (METHODS.md section 6).
+    that token, as a reward model reads it (docs/methods.md section 6).
 
     Rows follow fastpref's convention (``labels[t]`` is the token at position ``t + 1``): the last scored response
     row ``t`` predicts the last response token, whose own hidden state is row ``t + 1`` of the same sequence. Reading

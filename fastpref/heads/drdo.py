@@ -13,7 +13,7 @@ from .base import FusedHeadLoss, last_response_rows, split_pairs
 
 
 class DRDOLoss(FusedHeadLoss):
-    r"""DRDO (METHODS.md section 6)::
+    r"""DRDO (docs/methods.md section 6)::
 
         p_w  = sigma(logp_w - logp_l)
         L    = (R*_w - R*_l - (rhat_w - rhat_l))^2 - alpha (1 - p_w)^gamma (logp_w - log1mexp(logp_l))

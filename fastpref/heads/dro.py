@@ -10,7 +10,7 @@ from .base import FusedHeadLoss
 
 
 class DROLoss(FusedHeadLoss):
-    r"""DRO (METHODS.md section 3): point-wise regression on explicit rewards ``R``::
+    r"""DRO (docs/methods.md section 3): point-wise regression on explicit rewards ``R``::
 
         beta log Z_i = sg(beta (plogp_i - ref_plogp_i)) + beta log_z0
         loss         = mean_prompts mean_responses (R_i - beta (logp_i - ref_logp_i) - beta log Z_i)^2

@@ -12,7 +12,7 @@ from .base import FusedHeadLoss
 
 
 class PROLoss(FusedHeadLoss):
-    r"""PRO (Guo, Li & Chen, NeurIPS 2025; METHODS.md section 2) from hidden states, without logits.
+    r"""PRO (Guo, Li & Chen, NeurIPS 2025; docs/methods.md section 2) from hidden states, without logits.
 
     ``L_group = -sum_k muhat_k shat_k r_k + alpha/2 sum_{i,j in {1..K, h}} nu_i nu_j f(r_i - r_j)`` with the hyper
     response ``h`` (``logpi_h = log1mexp(logsumexp_k logp_k)``), see :func:`fastpref.losses.functional.pro_loss`

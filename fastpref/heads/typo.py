@@ -12,7 +12,7 @@ from .base import FusedHeadLoss, split_pairs
 
 
 class TYPOLoss(FusedHeadLoss):
-    r"""TYPO (METHODS.md section 4), one policy pass over pairs and reference samples::
+    r"""TYPO (docs/methods.md section 4), one policy pass over pairs and reference samples::
 
         loss = mean_pairs softplus(logp_l - logp_w)  +  lam * mean_unsup(-logp_u)
 

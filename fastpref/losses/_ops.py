@@ -1,10 +1,10 @@
-"""Numerical building blocks shared by the functional losses (METHODS.md section 0).
+"""Numerical building blocks shared by the functional losses (docs/methods.md section 0).
 
 * :func:`log1mexp` -- ``log(1 - e^a)`` for ``a < 0``, stable over the whole range a sequence log-prob takes
   (-1e5 .. -1e-8 in fp32).
 * :func:`safe_log1mexp` -- the same, continued linearly (value and slope) above ``a = -2^-24``, so that a log-prob
   of exactly 0, or a subnormal one, gives a finite hyper response / focal term and a finite gradient.
-* :func:`pro_f` -- ``f(x) = 1/2 softplus(x) + 1/2 softplus(-x)`` (PRO's regularizer link, METHODS.md section 2).
+* :func:`pro_f` -- ``f(x) = 1/2 softplus(x) + 1/2 softplus(-x)`` (PRO's regularizer link, docs/methods.md section 2).
 * :class:`Groups` -- rows grouped by an integer id (a prompt), padded to ``[G, K_max]`` so that per-group sums,
   means, log-sum-exps and pairwise terms are plain tensor ops (differentiable by autograd).
 """
@@ -20,7 +20,7 @@ LOG2 = math.log(2.0)
 
 
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(a))`` for ``a < 0`` (METHODS.md section 0).
+    """``log(1 - exp(a))`` for ``a < 0`` (docs/methods.md section 0).
 
     ``log(-expm1(a))`` for ``a > -ln 2`` and ``log1p(-exp(a))`` otherwise (Maechler, "Accurately computing
     log(1 - exp(-|a|))", 2012).  Each branch sees a clamped copy of ``a`` so the branch ``torch.where`` discards

@@ -1,5 +1,5 @@
 """AuxDPO (seed ``003``: Gopalan, Ray Chowdhury & Banerjee, "Why DPO is a Misspecified Estimator and How to Fix
-It", 2025), METHODS.md section 5.
+It", 2025), docs/methods.md section 5.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from . import fused
 from ._checks import Checker
 from ._ops import pair_metrics
 
-# Defaults of the authors' public code (METHODS.md section 5): lambda_null = 1.0 weighs the null-space penalty like
+# Defaults of the authors' public code (docs/methods.md section 5): lambda_null = 1.0 weighs the null-space penalty like
 # the DPO term; lambda_amp = 0.01 weighs the anti-collapse term; cap = 1.0 bounds delta = cap * tanh(delta_raw);
 # delta_raw starts from N(0, 1e-3) (read as standard deviation 1e-3) and trains in its own optimizer group at
 # learning rate 5e-3 without weight decay (at a policy's ~5e-7 delta never moves and AuxDPO is DPO).
@@ -23,7 +23,7 @@ DEFAULT_DELTA_LR = 5e-3
 
 
 def bounded_delta(delta_raw: torch.Tensor, cap: float = DEFAULT_CAP) -> torch.Tensor:
-    """AuxDPO's offsets ``delta = cap * tanh(delta_raw)`` (METHODS.md section 5; ``|delta| < cap``)."""
+    """AuxDPO's offsets ``delta = cap * tanh(delta_raw)`` (docs/methods.md section 5; ``|delta| < cap``)."""
     if not isinstance(delta_raw, torch.Tensor) or not delta_raw.is_floating_point():
         raise TypeError("bounded_delta: `delta_raw` must be a floating torch.Tensor")
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (0 < cap < float("inf")):
@@ -46,7 +46,7 @@ def auxdpo_loss(
     backend: str = "auto",
 ):
     r"""AuxDPO loss (seed 003: Gopalan, Ray Chowdhury & Banerjee, "Why DPO is a Misspecified Estimator and How to
-    Fix It", 2025; METHODS.md section 5)::
+    Fix It", 2025; docs/methods.md section 5)::
 
         m_i  = beta * ( rho_w,i - rho_l,i + delta_w,i - delta_l,i )
         loss = -mean_i log sigma(m_i)  +  lambda_null * ||A_B delta_B||^2

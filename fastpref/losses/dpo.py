@@ -3,9 +3,9 @@
 Source of the DPO formulas: TRL's ``DPOTrainer._compute_loss`` (``trl/trainer/dpo_trainer.py``, TRL 1.16), transcribed
 term for term so that the same inputs give the same loss to fp32 rounding (tested against TRL's own code in
 ``tests/test_losses_trl_parity.py``).  SimPO follows TRL's ``CPOTrainer.cpo_loss`` (``loss_type="simpo"``); e-DPO is
-Fisch et al., "Robust Preference Optimization through Reward Model Distillation" (METHODS.md section 1).
+Fisch et al., "Robust Preference Optimization through Reward Model Distillation" (docs/methods.md section 1).
 
-Notation (METHODS.md section 0): ``rho = logp - ref_logp`` per sequence, ``Delta = rho_w - rho_l``,
+Notation (docs/methods.md section 0): ``rho = logp - ref_logp`` per sequence, ``Delta = rho_w - rho_l``,
 ``r = beta * rho`` (implicit reward).  Rows are pairs: ``chosen_*[i]`` and ``rejected_*[i]`` belong to pair ``i``.
 """
 
@@ -296,7 +296,7 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     backend: str = "auto",
 ):
-    r"""SimPO (Meng et al., 2024), reference-free (METHODS.md section 1)::
+    r"""SimPO (Meng et al., 2024), reference-free (docs/methods.md section 1)::
 
         z    = beta * (logp_w / n_w - logp_l / n_l) - gamma
         loss = mean( -(1 - ls) log sigma(z) - ls log sigma(-z) )
@@ -344,7 +344,7 @@ def distill_loss(
     beta: float = 0.1,
     backend: str = "auto",
 ):
-    r"""e-DPO / reward-model distillation (Fisch et al., 2024; METHODS.md section 1)::
+    r"""e-DPO / reward-model distillation (Fisch et al., 2024; docs/methods.md section 1)::
 
         loss = mean( (R_w - R_l - beta * (rho_w - rho_l))^2 )
 

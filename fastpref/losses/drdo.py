@@ -1,5 +1,5 @@
 """DRDO (seed ``004``, "Direct Reward Distillation and policy-Optimization"): reward distillation from an oracle plus a
-focal preference term, METHODS.md section 6 (``docs/methods.md``).
+focal preference term, docs/methods.md section 6.
 
 Defaults: ``alpha = 0.1``, ``gamma = 2`` (the seed's best setting); the oracle's language-model weight ``a = 0.01``
 (the seed, App. C.1).
@@ -31,7 +31,7 @@ def drdo_loss(
     gamma: float = DEFAULT_GAMMA,
     backend: str = "auto",
 ):
-    r"""DRDO loss (seed 004; METHODS.md section 6), reference-free::
+    r"""DRDO loss (seed 004; docs/methods.md section 6), reference-free::
 
         p_w  = sigma(logp_w - logp_l)
         L_i  = ( R*_w - R*_l - (rhat_w - rhat_l) )^2  -  alpha (1 - p_w)^gamma ( logp_w - log1mexp(logp_l) )
@@ -88,7 +88,7 @@ def drdo_oracle_loss(
     *,
     a: float = DEFAULT_ORACLE_A,
 ):
-    r"""DRDO's oracle objective (seed 004; METHODS.md section 6): reward head plus language-model regularizer::
+    r"""DRDO's oracle objective (seed 004; docs/methods.md section 6): reward head plus language-model regularizer::
 
         loss = mean_i -[ (1 - a) log sigma(r(x, y_w) - r(x, y_l)) + a * logp_w ]
 

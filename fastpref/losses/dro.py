@@ -1,5 +1,5 @@
 """DRO -- Direct Reward Optimization (seed ``001``: "Direct Reward Optimization: A Point-wise Alignment Approach",
-anonymous, under review).  The formula is METHODS.md section 3 (``docs/methods.md``).
+anonymous, under review).  The formula is docs/methods.md section 3.
 
 Not Richemond et al. 2024 ("Offline Regularised Reinforcement Learning for Large Language Models Alignment"), whose
 DRO-V learns a value network; this method regresses on the detached prompt log-ratio plus an offset ``log_z0``.
@@ -32,7 +32,7 @@ def dro_loss(
     log_z0: float = DEFAULT_LOG_Z0,
     backend: str = "auto",
 ):
-    r"""DRO loss (seed 001; METHODS.md section 3): point-wise regression on an explicit reward ``R``::
+    r"""DRO loss (seed 001; docs/methods.md section 3): point-wise regression on an explicit reward ``R``::
 
         beta log Z_i = sg( beta (plogp_i - ref_plogp_i) ) + beta * log_z0      # prompt log-ratio, detached
         L_i          = ( R_i - beta (logp_i - ref_logp_i) - beta log Z_i )^2

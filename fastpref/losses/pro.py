@@ -1,6 +1,5 @@
 """PRO -- Proximalized Preference Optimization (seed ``000``: Guo, Li & Chen, "Proximalized Preference Optimization
-for Diverse Feedback Types: A Decomposed Perspective on DPO", NeurIPS 2025).  The formulas are METHODS.md section 2
-(``docs/methods.md`` in this repository).
+for Diverse Feedback Types: A Decomposed Perspective on DPO", NeurIPS 2025).  The formulas are docs/methods.md section 2.
 
 Defaults, where each comes from, and the existence condition it satisfies (an optimum exists = the loss is
 bounded below as a labeled response's probability goes to 0):
@@ -19,10 +18,10 @@ setting             default                       source                        
                                                   ``lam``; reading it as "the labeled-vs-hyper pairs   (K-1+eta) > K-1``
                                                   weigh ``lam`` in total, as in PRO-B" is ours         (``lam > (K-1)
                                                                                                        / K^2``)
-``lam`` (PRO-B/S)   2                             ours (METHODS.md fixes only ``lam > 1``): PRO-B's    ``lam > 1``
+``lam`` (PRO-B/S)   2                             ours (the paper fixes only ``lam > 1``): PRO-B's     ``lam > 1``
                                                   stationary point at ``sigma = 3/4`` / ``1/4``         (PRO-B)
 ``tau`` (PRO-S)     1                             ours (the seed's exact score is lost)                ``> 0``
-``hyper_response``  ``'exact'``                   METHODS.md (better founded); the seed's experiments
+``hyper_response``  ``'exact'``                   better founded (docs/methods.md); the seed's runs
                                                   all use ``'zero'`` (``r_h = 0``)
 ==================  ============================  ===================================================  ============
 
@@ -71,7 +70,7 @@ def pairwise_alpha(eta: float) -> float:
 
 
 def pairwise_has_optimum(eta: float, alpha: float) -> bool:
-    """PRO-P has an optimum iff ``alpha (1 - eta^2) > 1`` (METHODS.md section 2)."""
+    """PRO-P has an optimum iff ``alpha (1 - eta^2) > 1`` (docs/methods.md section 2)."""
     return alpha * (1.0 - eta * eta) > 1.0
 
 
@@ -99,7 +98,7 @@ def pro_loss(
     require_optimum: bool = True,
     backend: str = "auto",
 ):
-    r"""PRO loss (seed 000; METHODS.md section 2), one loss for three feedback types.
+    r"""PRO loss (seed 000; docs/methods.md section 2), one loss for three feedback types.
 
     For a prompt group of K labeled responses with ``r_k = beta (logp_k - ref_logp_k)`` and the **hyper response**
     ``h`` standing for every unlabeled response::
@@ -141,7 +140,7 @@ def pro_loss(
         eta: hyper-response mass in ``nu``, in [0, 1); ``None``: 1/3 (PRO-P), ``1 / (K + 1)`` per group (PRO-S).
         lam: PRO-B regularizer weight (> 1), and PRO-S's when ``alpha`` is None (default 2).
         tau: PRO-S score temperature, > 0 (default 1).
-        hyper_response: 'exact' (METHODS.md) or 'zero' (the seed's experimental shortcut ``r_h = 0``).
+        hyper_response: 'exact' (docs/methods.md) or 'zero' (the seed's experimental shortcut ``r_h = 0``).
         require_optimum: validate the existence condition (default True); False allows e.g. ``eta = 0, alpha = 1``.
         backend: ``'auto' | 'triton' | 'torch'``: the fused loss-head kernel (hyper-response aggregate in fp32 in
             the kernel; ``fastpref.losses.fused``) or this PyTorch expression.

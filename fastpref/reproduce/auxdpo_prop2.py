@@ -54,7 +54,7 @@ def annotations():
 
 
 def train(form: str, steps: int, delta_lr: float = DELTA_LR, seed: int = 0):
-    """``form``: 'dpo', 'auxdpo' (METHODS.md section 5) or 'prefix' (the pre-fix ``+lambda_amp sum delta^2``).
+    """``form``: 'dpo', 'auxdpo' (docs/methods.md section 5) or 'prefix' (the pre-fix ``+lambda_amp sum delta^2``).
     Returns the theta trajectory and the final offsets."""
     k, win, lose, first = annotations()
     theta = torch.zeros((), dtype=torch.float64, requires_grad=True)

@@ -1,5 +1,5 @@
 """PRO's claims (seed 000: Guo, Li & Chen, "Proximalized Preference Optimization for Diverse Feedback Types",
-NeurIPS 2025; METHODS.md section 2), through :func:`fastpref.losses.pro_loss`.
+NeurIPS 2025; docs/methods.md section 2), through :func:`fastpref.losses.pro_loss`.
 
 * **PRO-P = DPO** at ``eta = 0, alpha = 1``: the decomposition's optimizer + regularizer has DPO's gradient, reported
   times 4 (the population weight of one ordered pair). Checked on random sequence log-probs (float64).
@@ -113,7 +113,7 @@ def run_existence() -> ClaimResult:
         ax.legend(fontsize=6)
 
     return ClaimResult(
-        name="pro-existence", title="PRO's existence boundary (seed 000; METHODS.md section 2)",
+        name="pro-existence", title="PRO's existence boundary (seed 000; docs/methods.md section 2)",
         paper="optimum iff alpha (1 - eta^2) > 1; slope (alpha (1 - eta^2) - 1) / 2; (0.2, 1.1), (1/3, 1.2) have one, "
               "(0, 1) none",
         fastpref=f"{summary}; max |measured - predicted slope| {slope_err:.1e}; pro_loss accepts exactly the points "
