@@ -94,7 +94,7 @@ def run_existence() -> ClaimResult:
     slope_err = max(abs(r["measured"] - r["predicted"]) for r in rows)
     passed = slope_err < 1e-9 and all(r["accepted"] == (r["alpha(1-eta^2)"] > 1) for r in rows)
     named = {(0.2, 1.1): "(0.2, 1.1)", (1 / 3, 1.2): "(1/3, 1.2)", (0.0, 1.0): "(0, 1)"}
-    summary = "; ".join(f"{named[(r['eta'], r['alpha'])]}: slope {r['measured']:+.4f} "
+    summary = "; ".join(f"{named[(r['eta'], r['alpha'])]}: slope {_clean(r['measured']):+.4f} "
                         f"{'optimum' if r['measured'] > 0 else 'no optimum'}"
                         for r in rows if (r["eta"], r["alpha"]) in named)
 
