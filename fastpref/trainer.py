@@ -399,8 +399,11 @@ class BinaryFeedbackTrainer(FastPrefTrainer):
 
           L_row = w_z (-(z - 1/2) r_y + lam f(r_y - r_h)),   r = beta (logp - ref_logp),  h = hyper response
 
-      ``beta=0.1``, ``lam=2.0`` (needs ``lam > 1``: the stationary point ``sigma(r_y - r_h) = 1/2 + (z - 1/2)/lam``
-      must lie in (0, 1)), ``hyper_response="exact"``, ``desirable_weight = undesirable_weight = 1``.
+      ``beta=0.1`` (TRL's default), ``lam=2.0`` (ours; needs ``lam > 1``: the stationary point ``sigma(r_y - r_h) =
+      1/2 + (z - 1/2)/lam`` with ``r_h = 0``, ``1/2 + (1 - pi_y)(z - 1/2)/lam`` with the exact hyper response, must
+      lie in (0, 1)), ``hyper_response="exact"``, ``desirable_weight = undesirable_weight = 1``. For imbalanced data
+      the seed (trained at 1:100) scales the minority class's loss by the imbalance ratio: e.g.
+      ``desirable_weight=100`` when desirable rows are 100 times rarer (``fastpref reproduce``, pro-binary-imbalance).
     * KTO (TRL ``KTOTrainer``, :func:`fastpref.losses.kto_loss`), ``loss_type`` ``"kto"`` or ``"apo_zero_unpaired"``.
       **KL reference point** (``loss_type="kto"``), as TRL estimates it: the collator pairs prompt ``i`` with the
       completion of row ``i - 1`` of the same batch (``KL_*`` columns); ``z_ref = clamp(mean(logp_KL - ref_logp_KL),
