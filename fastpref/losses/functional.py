@@ -23,7 +23,7 @@ function               method                                               sour
 =====================  ===================================================  ==========================================
 """
 
-from ._ops import log1mexp, pro_f
+from ._ops import log1mexp, pro_f, safe_log1mexp
 from .auxdpo import auxdpo_loss
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, distill_loss, dpo_loss, simpo_loss
 from .drdo import drdo_loss, drdo_oracle_loss
@@ -51,6 +51,7 @@ __all__ = [
     "nca_loss",
     "pro_f",
     "pro_loss",
+    "safe_log1mexp",
     "simpo_loss",
     "typo_loss",
 ]
