@@ -4,7 +4,8 @@ The vocabulary kernels exclude each row's label column and take its logit from h
 carries no label bookkeeping, and ``lp_t = (z_{t,y_t} - max_t) - log sum_t`` uses one value of ``z_{t,y_t}``
 everywhere (``max_t`` starts at it; the sum counts it once, as ``exp(z_{t,y_t} - max_t)``).
 
-fp32 products and fp32 accumulation over ``D`` (bf16 x bf16 products are exact in fp32).
+fp32 products and fp32 accumulation over ``D`` (bf16 x bf16 products are exact in fp32). A label outside
+``[0, V)`` (a vocabulary-parallel shard that does not own it) gives ``-inf`` and reads nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .logits_tile import tanh
 @triton.jit
 def _target_logit_kernel(
     H, W, B, ROWS, LABELS, OUT,
-    M, D, stride_h, stride_w,
+    M, V, D, stride_h, stride_w,
     scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -30,11 +31,13 @@ def _target_logit_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
-    labels = tl.load(LABELS + offs_m, mask=m_mask, other=0).to(tl.int64)
+    labels = tl.load(LABELS + offs_m, mask=m_mask, other=-1).to(tl.int64)
+    owned = m_mask & (labels >= 0) & (labels < V)
+    labels = tl.where(owned, labels, 0)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = m_mask[:, None] & (offs_d < D)[None, :]
+        mask = owned[:, None] & (offs_d < D)[None, :]
         h = tl.load(H + rows[:, None] * stride_h + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + labels[:, None] * stride_w + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(h * w, axis=1)
@@ -43,7 +46,7 @@ def _target_logit_kernel(
     z = acc * scale
     if HAS_SOFTCAP:
         z = softcap * tanh(z / softcap)
-    tl.store(OUT + offs_m, z, mask=m_mask)
+    tl.store(OUT + offs_m, tl.where(owned, z, float("-inf")), mask=m_mask)
 
 
 def target_logits(
@@ -56,17 +59,18 @@ def target_logits(
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
-    """``z [M]`` (fp32): the logit of ``labels[i]`` for the row ``hidden[rows[i]]``.
+    """``z [M]`` (fp32): the logit of ``labels[i]`` for the row ``hidden[rows[i]]`` (``-inf`` where the label is
+    outside ``[0, V)``).
 
-    ``hidden [N, D]`` and ``weight [V, D]`` have unit stride in D; ``rows``, ``labels`` contiguous int ``[M]``
-    (labels in ``[0, V)``); ``bias`` contiguous ``[V]`` or None.
+    ``hidden [N, D]`` and ``weight [V, D]`` have unit stride in D; ``rows``, ``labels`` contiguous int ``[M]``;
+    ``bias`` contiguous ``[V]`` or None.
     """
-    M, D = rows.numel(), hidden.shape[1]
+    M, D, V = rows.numel(), hidden.shape[1], weight.shape[0]
     cfg = target_config()
     out = output_buffer((M,), torch.float32, hidden.device)
     grid = (triton.cdiv(M, cfg.block_m),)
     launch(_target_logit_kernel, grid,
-           (hidden, weight, bias if bias is not None else weight, rows, labels, out, M, D, hidden.stride(0),
+           (hidden, weight, bias if bias is not None else weight, rows, labels, out, M, V, D, hidden.stride(0),
             weight.stride(0), float(logit_scale), float(softcap) if softcap is not None else 1.0),
            dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d),
            device=hidden.device, flops=2.0 * M * D, bytes=M * D * hidden.element_size() * 2 + 4 * M,

@@ -131,7 +131,7 @@ def head_kernels():
             tcfg = config.TARGET_TILE
             compile_one(f"target_logit {t} bias={bias} softcap={cap}", TL._target_logit_kernel,
                         {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64", "OUT": "*fp32"},
-                        {"M": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "scale": "fp32",
+                        {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "scale": "fp32",
                          "softcap": "fp32"},
                         {**common, "BLOCK_M": tcfg.block_m, "BLOCK_D": tcfg.block_d}, tcfg.num_warps, tcfg.num_stages)
         if t != "fp32":

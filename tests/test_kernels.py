@@ -374,3 +374,33 @@ def test_every_launcher_goes_through_launch():
     for path in kernels.glob("*.py"):
         direct = re.findall(r"_\w+_kernel\[", path.read_text())
         assert not direct, f"{path.name} launches {direct} directly, without the device guard of config.launch"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocabulary_shards_merge_into_the_whole_head(backend):
+    """``shard_forward`` on two vocabulary shards (labels shifted, unowned labels outside [0, V_shard)) merges into
+    the whole head's statistics: what a vocabulary-parallel head all-reduces."""
+    from fastpref.backends._stats import finish, merge_partials
+
+    hidden, weight, rows, labels = _rows_problem(seed=61, V=301)
+    bias = torch.randn(weight.shape[0])
+    kw = dict(logit_scale=1.1, softcap=7.0)
+    lp, stats = backend.forward(hidden, weight, bias, rows, labels, **kw)
+    cut = 117
+    parts = [backend.shard_forward(hidden, weight[a:b], bias[a:b], rows, labels - a, **kw)
+             for a, b in ((0, cut), (cut, weight.shape[0]))]
+    target = torch.maximum(parts[0][0], parts[1][0])  # exactly one shard owns each label
+    assert torch.isfinite(target).all() and (torch.isinf(parts[0][0]) ^ torch.isinf(parts[1][0])).all()
+    run_max, run_sum = merge_partials(target, torch.ones_like(target), torch.stack([p[1] for p in parts]),
+                                      torch.stack([p[2] for p in parts]))
+    lp2, stats2 = finish(target, run_max, run_sum)
+    torch.testing.assert_close(lp2, lp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats2.max, stats.max, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats2.logsum, stats.logsum, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(rows.numel())
+    dh, dw, db = backend.backward(hidden, weight, bias, rows, labels, stats, lp, grad, **kw)
+    shard = [backend.backward(hidden, weight[a:b], bias[a:b], rows, labels - a, stats2, lp2, grad, **kw)
+             for a, b in ((0, cut), (cut, weight.shape[0]))]
+    torch.testing.assert_close(shard[0][0] + shard[1][0], dh, rtol=1e-5, atol=1e-6)  # dH: all-reduced
+    torch.testing.assert_close(torch.cat([shard[0][1], shard[1][1]]), dw, rtol=1e-5, atol=1e-6)  # dW: own rows
+    torch.testing.assert_close(torch.cat([shard[0][2], shard[1][2]]), db, rtol=1e-5, atol=1e-6)

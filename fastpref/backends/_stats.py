@@ -28,7 +28,8 @@ def merge_partials(run_max: torch.Tensor, run_sum: torch.Tensor, max_part: torch
     """Fold partial statistics ``[P, M]`` (``sum_part`` relative to ``max_part``; ``-inf``/0 for an empty part)
     into running ``(max, sum) [M]``."""
     new_max = torch.maximum(run_max, max_part.amax(dim=0))
-    run_sum = run_sum * torch.exp(run_max - new_max) + (sum_part * torch.exp(max_part - new_max)).sum(dim=0)
+    safe = torch.where(new_max == float("-inf"), torch.zeros_like(new_max), new_max)  # nothing yet: sums stay 0
+    run_sum = run_sum * torch.exp(run_max - safe) + (sum_part * torch.exp(max_part - safe)).sum(dim=0)
     return new_max, run_sum
 
 

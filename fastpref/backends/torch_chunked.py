@@ -76,10 +76,14 @@ class TorchTiles:
         return logits(h, weight[v0:v1].to(cdt), b, scale, softcap)
 
     def target_logits(self, hidden, weight, bias, rows, labels, *, logit_scale, softcap):
+        """``z_{t, y_t}`` per row; ``-inf`` where the label is outside ``[0, V)`` (a shard that does not own it)."""
         cdt = compute_dtype(hidden.dtype)
+        V = weight.shape[0]
         out = torch.empty((rows.numel(),), dtype=cdt, device=hidden.device)
         for r0, r1 in spans(rows.numel(), ROW_CHUNK):
             y = labels[r0:r1]
+            owned = (y >= 0) & (y < V)
+            y = torch.where(owned, y, torch.zeros_like(y))
             h = hidden.index_select(0, rows[r0:r1]).to(cdt)
             z = (h * weight.index_select(0, y).to(cdt)).sum(dim=1)
             if bias is not None:
@@ -87,7 +91,7 @@ class TorchTiles:
             z = z * logit_scale
             if softcap is not None:
                 z = softcap * torch.tanh(z / softcap)
-            out[r0:r1] = z
+            out[r0:r1] = torch.where(owned, z, torch.full_like(z, float("-inf")))
         return out
 
     def grad_tile(self, h, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad):
@@ -118,7 +122,7 @@ class TorchTiles:
 TILES = TorchTiles()
 
 
-def forward(
+def shard_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -129,28 +133,41 @@ def forward(
     softcap: Optional[float] = None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
-) -> tuple[torch.Tensor, RowStats]:
-    """Token log-probs ``[M]`` and row statistics of ``hidden[rows]`` (see the module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(target, max, sum) [M]`` over this weight's vocabulary with the label's column excluded from
+    ``(max, sum)``; ``target = -inf`` where the label is outside ``[0, V)`` (see ``triton_fused.shard_forward``)."""
     cdt = compute_dtype(hidden.dtype)
     M, V = rows.numel(), weight.shape[0]
     labels = labels.long()
     target = TILES.target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
-    lp = torch.empty((M,), dtype=cdt, device=hidden.device)
-    row_max, row_logsum = torch.empty_like(lp), torch.empty_like(lp)
+    row_max = torch.full((M,), float("-inf"), dtype=cdt, device=hidden.device)
+    row_sum = torch.zeros((M,), dtype=cdt, device=hidden.device)
     for r0, r1 in spans(M, row_chunk):
         h = TILES.rows(hidden, rows[r0:r1])
-        y, t = labels[r0:r1], target[r0:r1]
-        run_max, run_sum = t.clone(), torch.ones_like(t)
+        y = labels[r0:r1]
+        run_max, run_sum = row_max[r0:r1], row_sum[r0:r1]
         for v0, v1 in spans(V, vocab_chunk):
             z = TILES._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-            _set_label_column(z, y, v0, torch.full_like(t, float("-inf")))
-            chunk_max = z.amax(dim=1)
-            new_max = torch.maximum(run_max, chunk_max)
-            run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            run_max = new_max
-        lp[r0:r1], stats = finish(t, run_max, run_sum)
-        row_max[r0:r1], row_logsum[r0:r1] = stats.max, stats.logsum
-    return lp, RowStats(row_max, row_logsum)
+            _set_label_column(z, y, v0, torch.full_like(run_max, float("-inf")))
+            run_max, run_sum = merge_partials(run_max, run_sum, z.amax(dim=1)[None], _chunk_sums(z)[None])
+        row_max[r0:r1], row_sum[r0:r1] = run_max, run_sum
+    return target, row_max, row_sum
+
+
+def _chunk_sums(z: torch.Tensor) -> torch.Tensor:
+    """``sum_v exp(z_v - max_v z)`` per row (0 for a row of ``-inf``)."""
+    top = z.amax(dim=1)
+    safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    return torch.exp(z - safe[:, None]).sum(dim=1)
+
+
+def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+            row_chunk: int = ROW_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, RowStats]:
+    """Token log-probs ``[M]`` and row statistics of ``hidden[rows]`` (see the module docstring)."""
+    target, run_max, run_sum = shard_forward(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
+                                             softcap=softcap, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    run_max, run_sum = merge_partials(target, torch.ones_like(target), run_max[None], run_sum[None])
+    return finish(target, run_max, run_sum)
 
 
 def backward(hidden, weight, bias, rows, labels, stats: RowStats, lp, grad, **options):
@@ -168,4 +185,4 @@ def frozen_supported(dtype: torch.dtype) -> bool:
     return True
 
 
-__all__ = ["forward", "backward", "frozen_forward", "frozen_supported", "compute_dtype", "logits", "merge_partials"]
+__all__ = ["forward", "shard_forward", "backward", "frozen_forward", "frozen_supported", "compute_dtype", "logits", "merge_partials"]

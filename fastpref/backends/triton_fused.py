@@ -18,7 +18,7 @@ from fastpref.kernels.target_logit import target_logits
 from fastpref.kernels.vocab_logsumexp import vocab_logsumexp
 
 from . import _chunked
-from ._stats import RowStats, from_partials
+from ._stats import RowStats, from_partials, merge_partials
 
 
 class TritonTiles:
@@ -62,9 +62,23 @@ def _contiguous(bias: Optional[torch.Tensor], rows: torch.Tensor, labels: torch.
     return (None if bias is None else bias.contiguous()), rows.contiguous(), labels.contiguous()
 
 
+def shard_forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                  num_splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(target, max, sum) [M]`` fp32 over this weight's vocabulary, the label's column excluded from
+    ``(max, sum)`` (``-inf``/0 when nothing is left); ``target`` is ``-inf`` where the label is outside
+    ``[0, V)``. A vocabulary-parallel head merges these across ranks (``_stats.merge_partials``)."""
+    bias, rows, labels = _contiguous(bias, rows, labels)
+    target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+    max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
+                                         softcap=softcap, num_splits=num_splits)
+    run_max, run_sum = merge_partials(torch.full_like(target, float("-inf")), torch.zeros_like(target),
+                                      max_part, sum_part)
+    return target, run_max, run_sum
+
+
 def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
             num_splits: Optional[int] = None) -> tuple[torch.Tensor, RowStats]:
-    """Token log-probs ``[M]`` and row statistics (fp32) of the rows ``hidden[rows]``."""
+    """Token log-probs ``[M]`` and row statistics (fp32) of the rows ``hidden[rows]`` (labels in ``[0, V)``)."""
     bias, rows, labels = _contiguous(bias, rows, labels)
     target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
     max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
