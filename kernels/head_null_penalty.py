@@ -8,11 +8,13 @@ kernel's ``dW`` and ``db``). Its derivative in ``delta_j`` is ``2 sum_{t in j} u
     q_t  = G h_t + g_b                             (g_b only with a bias)
     u_t  = r_t . q_t = s * ( kappa_{t,y_t} q_{t,y_t} - sum_v p_tv kappa_tv q_tv )
 
-    p_t = exp(z_t - lse_t),   kappa_t = 1 - (z_t / c)^2 with softcap c (else 1),   z_t as in the forward.
+    p_t = exp((z_t - max_t) - log sum_t),   at the label 1 - p = -expm1(lp_t),
+    kappa_t = 1 - (z_t / c)^2 with softcap c (else 1),   z_t as in the forward.
 
 The logits tile ``z`` (from ``W``) and the tile ``G h_t`` are built side by side from the same rows and
-columns. ``lse`` is known (from the forward), so every vocabulary column contributes independently: programs
-over (row block, vocabulary split) write partial sums that the launcher adds (``O(M)``), no online max.
+columns. The forward's statistics ``(max_t, log sum_t)`` are known, so every vocabulary column contributes
+independently: programs over (row block, vocabulary split) write partial sums that the launcher adds (``O(M)``),
+no online max, no atomics.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import backward_config, dot_precision, num_vocab_splits, output_buffer, upcast_dot_operands
-from .logits_tile import logits_epilogue, logits_tile
+from .config import (dot_precision, launch, null_pass_config, output_buffer, plan_vocab_splits, resident_programs,
+                     split_columns, upcast_dot_operands)
+from .logits_tile import logits_epilogue, logits_tile, softcap_slope
+from .scalar_math import expm1
 
 
 @triton.jit
 def _head_null_rows_kernel(
-    H, W, B, G, GB, ROWS, LABELS, LSE, OUT_PART,
+    H, W, B, G, GB, ROWS, LABELS, MAXS, LOGSUMS, LPS, OUT_PART,
     M, V, D, stride_h, stride_w, stride_g, cols_per_split,
     scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_G_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -42,7 +46,9 @@ def _head_null_rows_kernel(
     m_mask = offs_m < M
     rows = tl.load(ROWS + offs_m, mask=m_mask, other=0).to(tl.int64)
     labels = tl.load(LABELS + offs_m, mask=m_mask, other=-1).to(tl.int64)
-    lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
+    row_max = tl.load(MAXS + offs_m, mask=m_mask, other=float("inf"))  # padded rows: p = 0, never NaN
+    row_logsum = tl.load(LOGSUMS + offs_m, mask=m_mask, other=0.0)
+    lp = tl.load(LPS + offs_m, mask=m_mask, other=0.0)
 
     v_begin = pid_s * cols_per_split
     v_end = tl.minimum(v_begin + cols_per_split, V)
@@ -57,12 +63,9 @@ def _head_null_rows_kernel(
                         G_UPCAST, G_DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)  # G h_t; 0 outside the vocabulary
         if HAS_G_BIAS:
             q = q + tl.load(GB + offs_v, mask=v_mask, other=0.0)[None, :]
-        p = tl.exp(z - lse[:, None])  # 0 on columns outside the vocabulary (z = -inf)
-        onehot = tl.where((offs_v[None, :] == labels[:, None]) & v_mask[None, :], 1.0, 0.0)
-        r = onehot - p
-        if HAS_SOFTCAP:
-            t = tl.where(v_mask[None, :], z / softcap, 0.0)
-            r = r * (1.0 - t * t)
+        p = tl.exp((z - row_max[:, None]) - row_logsum[:, None])  # 0 outside the vocabulary (z = -inf)
+        r = tl.where(offs_v[None, :] == labels[:, None], -expm1(lp)[:, None], -p)
+        r = r * softcap_slope(tl.where(v_mask[None, :], z, 0.0), softcap, HAS_SOFTCAP)
         total += tl.sum(r * q, axis=1)
 
     tl.store(OUT_PART + pid_s * M + offs_m, total * scale, mask=m_mask)
@@ -87,7 +90,9 @@ def head_null_row_terms(
     bias: Optional[torch.Tensor],
     rows: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    row_logsum: torch.Tensor,
+    lp: torch.Tensor,
     g_weight: torch.Tensor,
     g_bias: Optional[torch.Tensor],
     *,
@@ -97,35 +102,38 @@ def head_null_row_terms(
 ) -> torch.Tensor:
     """``u [M]`` (fp32): ``u_t = r_t . (G h_t + g_b)`` for the rows ``hidden[rows]`` (module docstring).
 
-    ``hidden [N, D]``, ``weight [V, D]``, ``bias``, ``rows``, ``labels``: as in ``linear_logprob_forward``;
-    ``lse [M]``: that forward's log-sum-exps; ``g_weight [V, D]`` / ``g_bias [V]``: the head gradients ``G``
-    and ``g_b`` (``None``: no ``g_b`` term; pass it exactly when the head has a bias). ``num_splits`` overrides the automatic
-    vocabulary split (tests use it).
+    ``hidden [N, D]``, ``weight [V, D]`` (unit stride in D), ``bias``, ``rows``, ``labels``: as in
+    ``vocab_logsumexp``; ``row_max``, ``row_logsum``, ``lp`` ``[M]``: the forward's statistics and token
+    log-probs; ``g_weight [V, D]`` / ``g_bias [V]``: the head gradients ``G`` and ``g_b`` (``None``: no ``g_b``
+    term; pass it exactly when the head has a bias). ``num_splits`` overrides the planned vocabulary split.
+    Every pointer argument is made contiguous here (a strided or expanded bias is copied, never misread).
     """
     M, (V, D) = rows.numel(), weight.shape
     device = hidden.device
-    cfg = backward_config(hidden.dtype)  # two [BLOCK_M, BLOCK_V] accumulators: the backward's smaller tiles
+    cfg = null_pass_config(hidden.dtype)  # two [BLOCK_M, BLOCK_V] accumulators
     row_blocks = triton.cdiv(M, cfg.block_m)
     vocab_tiles = triton.cdiv(V, cfg.block_v)
-    splits = num_splits if num_splits is not None else num_vocab_splits(row_blocks, vocab_tiles, device)
-    splits = max(1, min(splits, vocab_tiles))
-    cols_per_split = triton.cdiv(vocab_tiles, splits) * cfg.block_v
-    splits = triton.cdiv(V, cols_per_split)  # every split holds at least one real column
+    if num_splits is None:
+        num_splits = plan_vocab_splits(row_blocks, vocab_tiles, resident_programs(device, cfg))
+    cols_per_split, splits = split_columns(V, cfg.block_v, num_splits)
 
     g_op, g_upcast, g_precision = _g_operand(g_weight, hidden.dtype)
     has_bias, has_g_bias = bias is not None, g_bias is not None
-    gb = g_bias.to(torch.float32).contiguous() if has_g_bias else lse
+    f32 = lambda t: t.to(torch.float32).contiguous()  # noqa: E731
+    row_max, row_logsum, lp = f32(row_max), f32(row_logsum), f32(lp)
+    gb = f32(g_bias) if has_g_bias else row_max
     out_part = output_buffer((splits, M), torch.float32, device)
-    if M > 0:
-        _head_null_rows_kernel[(row_blocks, splits)](
-            hidden, weight, bias if has_bias else weight, g_op, gb, rows, labels, lse.to(torch.float32).contiguous(),
-            out_part,
+    padded_d = triton.cdiv(D, cfg.block_d) * cfg.block_d
+    launch(_head_null_rows_kernel, (row_blocks, splits),
+           (hidden, weight, bias.contiguous() if has_bias else weight, g_op, gb, rows.contiguous(),
+            labels.contiguous(), row_max, row_logsum, lp, out_part,
             M, V, D, hidden.stride(0), weight.stride(0), g_op.stride(0), cols_per_split,
-            float(logit_scale), float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=has_bias, HAS_G_BIAS=has_g_bias, HAS_SOFTCAP=softcap is not None,
-            UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
-            G_UPCAST=g_upcast, G_DOT_PRECISION=g_precision,
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            float(logit_scale), float(softcap) if softcap is not None else 1.0),
+           dict(HAS_BIAS=has_bias, HAS_G_BIAS=has_g_bias, HAS_SOFTCAP=softcap is not None,
+                UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
+                G_UPCAST=g_upcast, G_DOT_PRECISION=g_precision,
+                BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d),
+           device=device, flops=4.0 * row_blocks * cfg.block_m * vocab_tiles * cfg.block_v * padded_d,
+           bytes=(M + 2 * V) * D * hidden.element_size() + 4 * splits * M,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out_part.sum(dim=0) if splits > 1 else out_part[0]

@@ -1,4 +1,4 @@
-"""Device helpers shared by the kernels that rebuild a ``[BLOCK_M, BLOCK_V]`` tile of logits.
+"""Device helpers shared by every kernel that rebuilds a ``[BLOCK_M, BLOCK_V]`` tile of logits.
 
     z = s * (h W^T + b),   optionally  z <- c * tanh(z / c)     (Gemma-2 final-logit softcap)
 """
@@ -45,3 +45,12 @@ def logits_epilogue(acc, B, offs_v, v_mask, scale, softcap, HAS_BIAS: tl.constex
     if HAS_SOFTCAP:
         z = softcap * tanh(z / softcap)
     return tl.where(v_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def softcap_slope(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """``dz/du`` of the softcap ``z = c tanh(u / c)`` as a function of ``z``: ``1 - (z / c)^2`` (1 without)."""
+    if HAS_SOFTCAP:
+        t = z / softcap
+        return 1.0 - t * t
+    return tl.full(z.shape, 1.0, tl.float32)

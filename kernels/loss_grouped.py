@@ -21,7 +21,8 @@ and the closed-form gradients (``f' (x) = sigma(x) - 1/2``, odd; ``sigma'_{kj} =
 
 ``eta`` and ``alpha`` are per group (``ETA[g]``, ``ALPHA[g]``: PRO-S's defaults depend on K).  ``slog1mexp`` is
 ``safe_log1mexp`` (``log(1 - e^a)``, continued linearly above ``a = -2^-24``; finite at a log-prob of 0).
-The ``K x K`` terms are built in column chunks of ``BLOCK_J`` (tile ``BLOCK_K x BLOCK_J <= 4096``).  Every value
+The ``K x K`` terms are built in column chunks of ``BLOCK_J`` (tile ``BLOCK_K x BLOCK_J <= 1024``: larger tiles spill
+registers at 4 warps on sm_90, ``tests/compile_sm90.py``).  Every value
 and gradient is multiplied by ``scale`` (``1/G``: the loss is the mean over groups); the gradients are stored
 straight at the members' row positions, the group terms at ``out_group[g]`` (loss = their sum, on the host).
 """
@@ -32,10 +33,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import interpreter_active, output_buffer
+from .config import interpreter_active, launch, output_buffer
 from .scalar_math import log1p, pro_f, pro_fprime, safe_log1mexp, safe_log1mexp_grad, sigmoid
 
 MAX_GROUP = 1024  # larger groups: the callers fall back to PyTorch
+MAX_TILE = 1024  # BLOCK_K x BLOCK_J elements per column chunk (4096 spilled 48-376 bytes of stack on sm_90)
+
+
+def group_tile(kmax: int) -> tuple[int, int]:
+    """``(BLOCK_K, BLOCK_J)`` for groups of up to ``kmax`` rows (every variant is compiled in CI)."""
+    block_k = max(2, triton.next_power_of_2(kmax))
+    return block_k, max(1, min(block_k, MAX_TILE // block_k))
 
 
 @triton.jit
@@ -140,12 +148,10 @@ def pro_scalar_loss(
     lp, ref, rewards, eta, alpha = f32(lp), f32(ref), f32(rewards), f32(eta), f32(alpha)
     out_group = output_buffer((num_groups,), torch.float32, lp.device)
     out = output_buffer((2, n), torch.float32, lp.device)
-    block_k = max(2, triton.next_power_of_2(kmax))
-    block_j = max(1, min(block_k, 4096 // block_k))
-    _pro_scalar_kernel[(num_groups,)](
-        lp, ref, rewards, rows.contiguous(), starts.contiguous(), counts.contiguous(), eta, alpha, out_group, out,
-        n, float(beta), float(tau), 1.0 / num_groups,
-        EXACT=bool(exact), BLOCK_K=block_k, BLOCK_J=block_j,
-        num_warps=1 if interpreter_active() else 4,
-    )
+    block_k, block_j = group_tile(kmax)
+    launch(_pro_scalar_kernel, (num_groups,),
+           (lp, ref, rewards, rows.contiguous(), starts.contiguous(), counts.contiguous(), eta, alpha, out_group, out,
+            n, float(beta), float(tau), 1.0 / num_groups),
+           dict(EXACT=bool(exact), BLOCK_K=block_k, BLOCK_J=block_j), device=lp.device,
+           bytes=4 * (5 * n + 5 * num_groups), num_warps=1 if interpreter_active() else 4)
     return out_group, out

@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import interpreter_active, output_buffer
+from .config import interpreter_active, launch, output_buffer
 from .scalar_math import (
     log_sigmoid,
     logaddexp,
@@ -379,10 +379,7 @@ def pairwise_loss(
     block = _block(p)
     grid = (triton.cdiv(p, block),)
     k0, k1, k2 = (float(k) for k in constants)
-    _pairwise_loss_kernel[grid](
-        c, *args, wt, out,
-        p, float(beta), k0, k1, k2, float(scale),
-        LOSS=code, EXACT=bool(exact), HAS_WEIGHT=weight is not None, NOUT=nout, BLOCK=block,
-        num_warps=1 if interpreter_active() else 4,
-    )
+    launch(_pairwise_loss_kernel, grid, (c, *args, wt, out, p, float(beta), k0, k1, k2, float(scale)),
+           dict(LOSS=code, EXACT=bool(exact), HAS_WEIGHT=weight is not None, NOUT=nout, BLOCK=block),
+           device=c.device, bytes=4 * p * (10 + nout), num_warps=1 if interpreter_active() else 4)
     return out

@@ -1,8 +1,11 @@
-"""Compile every fastpref Triton kernel variant for sm_90 (Hopper) without a GPU, with the production tiles.
+"""Compile every fastpref Triton kernel variant the launchers can pick for sm_90 (Hopper), without a GPU.
 
 Run by ``tests/test_kernels_compile.py`` in a subprocess (the test session runs Triton's interpreter, under which
-kernels cannot be compiled). Prints one JSON line per variant: name, registers, spilled bytes, shared memory.
-Exit status 0 when every variant compiled; a compile error propagates with its traceback.
+kernels cannot be compiled). Each variant is specialized as the JIT specializes it at launch: every pointer
+16-byte aligned and every integer argument that is a multiple of 16 at the Llama-3-8B shapes marked divisible by
+16 (``tt.divisibility``), so the compiled code is the one a launch at those shapes runs. Prints one JSON line per
+variant: name, registers, stack (spill) bytes, local bytes, shared memory. Exit status 0 when every variant
+compiled; a compile error propagates with its traceback.
 """
 
 import json
@@ -21,28 +24,47 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fastpref.kernels import config  # noqa: E402
 from fastpref.kernels import head_null_penalty as HN  # noqa: E402
-from fastpref.kernels import linear_logprob_backward as BW  # noqa: E402
-from fastpref.kernels import linear_logprob_forward as FW  # noqa: E402
+from fastpref.kernels import logits_grad as LG_  # noqa: E402
 from fastpref.kernels import loss_grouped as LG  # noqa: E402
 from fastpref.kernels import loss_pairwise as LP  # noqa: E402
+from fastpref.kernels import matmul_accumulate as MM  # noqa: E402
+from fastpref.kernels import softmax_numerator as SN  # noqa: E402
+from fastpref.kernels import target_logit as TL  # noqa: E402
+from fastpref.kernels import vocab_logsumexp as VL  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# integer arguments at the Llama-3-8B head (D 4096, V 128256, M 8192, row chunk 2048, vocabulary chunk 2048)
+SHAPE_INTS = {"M": 8192, "V": 128256, "D": 4096, "stride_h": 4096, "stride_w": 4096, "stride_g": 4096,
+              "stride_dz": 2048, "stride_p": 2048, "vc": 2048, "v_begin": 4096, "cols_per_split": 64128,
+              "num_splits": 2, "N": 8192, "P": 4096, "K": 2048,
+              "stride_am": 1, "stride_ak": 2048, "stride_bk": 4096, "stride_bn": 1, "stride_cm": 4096, "stride_cn": 1}
+
+
+def _attrs(fn, signature):
+    """``tt.divisibility`` 16 for aligned pointers and for the integer arguments divisible by 16 (as the JIT)."""
+    attrs = {}
+    for name, ty in signature.items():
+        i = fn.arg_names.index(name)
+        if ty.startswith("*") or (ty.startswith("i") and SHAPE_INTS.get(name, 1) % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
 
 
 def compile_one(name, fn, pointers, scalars, constexprs, num_warps=4, num_stages=2):
     sig = dict(pointers)
     sig.update(scalars)
     sig.update({k: "constexpr" for k in constexprs})
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET,
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, {**pointers, **scalars}))
+    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
     row = {"kernel": name, "shared": getattr(getattr(kernel, "metadata", None), "shared", None)}
     row.update(resource_usage(kernel.asm.get("cubin")))
     print(json.dumps(row), flush=True)
 
 
 def resource_usage(cubin) -> dict:
-    """Registers and local memory (spills) per thread, read from the cubin by Triton's bundled cuobjdump."""
+    """Registers, stack (register spills and call frames) and local memory per thread, from the cubin by Triton's
+    bundled cuobjdump. Spills show as STACK (and sometimes LOCAL): both must be 0."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not cubin or not os.path.exists(tool):
         return {}
@@ -50,46 +72,82 @@ def resource_usage(cubin) -> dict:
         f.write(cubin)
         f.flush()
         text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    found = {k: int(v) for k, v in re.findall(r"(REG|LOCAL):(\d+)", text)}
-    return {"registers": found.get("REG"), "local_bytes": found.get("LOCAL")}
+    found = {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", text)}
+    return {"registers": found.get("REG"), "stack_bytes": found.get("STACK"), "local_bytes": found.get("LOCAL")}
+
+
+def _tile(cfg):
+    return {"BLOCK_M": cfg.block_m, "BLOCK_V": cfg.block_v, "BLOCK_D": cfg.block_d}
 
 
 def head_kernels():
     for dtype, t in DTYPES.items():
-        fcfg, bcfg = config._FORWARD_FP32 if t == "fp32" else config._FORWARD_LOW_PRECISION, \
-            config._BACKWARD_FP32 if t == "fp32" else config._BACKWARD_LOW_PRECISION
+        kind = "fp32" if t == "fp32" else "low_precision"
         prec = config.dot_precision(dtype)
         for bias, cap in ((False, False), (True, True)):
-            compile_one(f"forward {t} bias={bias} softcap={cap}", FW._linear_logprob_forward_kernel,
-                        {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
-                         "LSE_PART": "*fp32", "TGT_PART": "*fp32"},
-                        {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
-                         "cols_per_split": "i32", "scale": "fp32", "softcap": "fp32"},
-                        {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "UPCAST": False, "DOT_PRECISION": prec,
-                         "BLOCK_M": fcfg.block_m, "BLOCK_V": fcfg.block_v, "BLOCK_D": fcfg.block_d},
-                        fcfg.num_warps, fcfg.num_stages)
-            for dh, dw in ((True, True), (True, False)):
-                compile_one(f"backward {t} bias={bias} softcap={cap} dH={dh} dW={dw}",
-                            BW._linear_logprob_backward_kernel,
+            common = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap}
+            for cfg in config.FORWARD_CANDIDATES[kind]:
+                compile_one(f"vocab_logsumexp {t} bias={bias} softcap={cap} {cfg.block_m}x{cfg.block_v}x{cfg.block_d}"
+                            f" w{cfg.num_warps} s{cfg.num_stages}", VL._vocab_logsumexp_kernel,
                             {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
-                             "LSE": "*fp32", "GRAD": "*fp32", "DH": "*fp32", "DW": "*fp32", "DB": "*fp32"},
-                            {"M": "i32", "v_begin": "i32", "v_end": "i32", "D": "i32", "stride_h": "i32",
-                             "stride_w": "i32", "stride_dh": "i32", "stride_dw": "i32", "scale": "fp32",
-                             "softcap": "fp32"},
-                            {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "COMPUTE_DH": dh, "COMPUTE_DW": dw,
-                             "COMPUTE_DB": bias and dw, "UPCAST": False, "DOT_PRECISION": prec,
-                             "BLOCK_M": bcfg.block_m, "BLOCK_V": bcfg.block_v, "BLOCK_D": bcfg.block_d},
-                            bcfg.num_warps, bcfg.num_stages)
+                             "MAX_PART": "*fp32", "SUM_PART": "*fp32"},
+                            {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+                             "cols_per_split": "i32", "num_splits": "i32", "scale": "fp32", "softcap": "fp32"},
+                            {**common, "UPCAST": False, "DOT_PRECISION": prec, "GROUP_M": cfg.group_m, **_tile(cfg)},
+                            cfg.num_warps, cfg.num_stages)
+            for cfg in config.GRAD_TILE_CANDIDATES[kind]:
+                tag = f"{cfg.block_m}x{cfg.block_v}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"
+                for db in ((False, True) if bias else (False,)):
+                    compile_one(f"logits_grad {t} bias={bias} softcap={cap} db={db} {tag}", LG_._logits_grad_kernel,
+                                {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                                 "MAXS": "*fp32", "LOGSUMS": "*fp32", "LPS": "*fp32", "GRAD": "*fp32", "DZ": f"*{t}",
+                                 "DB_PART": "*fp32"},
+                                {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
+                                 "stride_w": "i32", "stride_dz": "i32", "scale": "fp32", "softcap": "fp32",
+                                 "dz_scale": "fp32"},
+                                {**common, "COMPUTE_DB": db, "UPCAST": False, "DOT_PRECISION": prec, **_tile(cfg)},
+                                cfg.num_warps, cfg.num_stages)
+                if t != "fp16":  # the frozen-head path runs for bf16 and fp32 heads only
+                    compile_one(f"softmax_numerator {t} bias={bias} softcap={cap} {tag}",
+                                SN._softmax_numerator_kernel,
+                                {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                                 "REF": "*fp32", "P": f"*{t}", "MAX_PART": "*fp32", "SUM_PART": "*fp32"},
+                                {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
+                                 "stride_w": "i32", "stride_p": "i32", "scale": "fp32", "softcap": "fp32",
+                                 "clamp": "fp32"},
+                                {**common, "UPCAST": False, "DOT_PRECISION": prec, **_tile(cfg)},
+                                cfg.num_warps, cfg.num_stages)
+            cfg = config.NULL_PASS_CANDIDATES[kind][0]
             g_prec = prec if t == "bf16" else "tf32" if t == "fp16" else "ieee"
             compile_one(f"head_null {t} bias={bias} softcap={cap}", HN._head_null_rows_kernel,
                         {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "G": f"*{'bf16' if t == 'bf16' else 'fp32'}",
-                         "GB": "*fp32", "ROWS": "*i64", "LABELS": "*i64", "LSE": "*fp32", "OUT_PART": "*fp32"},
+                         "GB": "*fp32", "ROWS": "*i64", "LABELS": "*i64", "MAXS": "*fp32", "LOGSUMS": "*fp32",
+                         "LPS": "*fp32", "OUT_PART": "*fp32"},
                         {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "stride_g": "i32",
                          "cols_per_split": "i32", "scale": "fp32", "softcap": "fp32"},
-                        {"HAS_BIAS": bias, "HAS_G_BIAS": bias, "HAS_SOFTCAP": cap, "UPCAST": False,
-                         "DOT_PRECISION": prec, "G_UPCAST": t == "fp16", "G_DOT_PRECISION": g_prec,
-                         "BLOCK_M": bcfg.block_m, "BLOCK_V": bcfg.block_v, "BLOCK_D": bcfg.block_d},
-                        bcfg.num_warps, bcfg.num_stages)
+                        {**common, "HAS_G_BIAS": bias, "UPCAST": False, "DOT_PRECISION": prec,
+                         "G_UPCAST": t == "fp16", "G_DOT_PRECISION": g_prec, **_tile(cfg)},
+                        cfg.num_warps, cfg.num_stages)
+            tcfg = config.TARGET_TILE
+            compile_one(f"target_logit {t} bias={bias} softcap={cap}", TL._target_logit_kernel,
+                        {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64", "OUT": "*fp32"},
+                        {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32", "scale": "fp32",
+                         "softcap": "fp32"},
+                        {**common, "BLOCK_M": tcfg.block_m, "BLOCK_D": tcfg.block_d}, tcfg.num_warps, tcfg.num_stages)
+        if t != "fp32":
+            for beta_zero in (False, True):
+                compile_one(f"matmul_accumulate {t} beta_zero={beta_zero}", MM._matmul_accumulate_kernel,
+                            {"A": f"*{t}", "B": f"*{t}", "C": "*fp32"},
+                            {"M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "i32",
+                             "stride_bk": "i32", "stride_bn": "i32", "stride_cm": "i32", "stride_cn": "i32",
+                             "alpha": "fp32"},
+                            {"BETA_ZERO": beta_zero, "UPCAST": False, "DOT_PRECISION": prec, "GROUP_M": 8,
+                             "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3)
+
+
+def pro_scalar_tiles():
+    """Every ``(BLOCK_K, BLOCK_J)`` ``loss_grouped.pro_scalar_loss`` can pick (groups of 2 .. MAX_GROUP rows)."""
+    return sorted({LG.group_tile(k) for k in range(2, LG.MAX_GROUP + 1)})
 
 
 def loss_kernels():
@@ -99,12 +157,14 @@ def loss_kernels():
         for exact in ((True, False) if name.startswith("pro") else (True,)):
             compile_one(f"loss_pairwise {name} exact={exact}", LP._pairwise_loss_kernel, pointers, scalars,
                         {"LOSS": code, "EXACT": exact, "HAS_WEIGHT": True, "NOUT": LP.NUM_OUTPUTS[name], "BLOCK": 256})
-    for exact in (True, False):
-        compile_one(f"loss_grouped pro_scalar exact={exact}", LG._pro_scalar_kernel,
-                    {"LP": "*fp32", "REF": "*fp32", "R": "*fp32", "ROWS": "*i64", "STARTS": "*i64", "COUNTS": "*i64",
-                     "ETA": "*fp32", "ALPHA": "*fp32", "OUT_GROUP": "*fp32", "OUT": "*fp32"},
-                    {"N": "i32", "beta": "fp32", "tau": "fp32", "scale": "fp32"},
-                    {"EXACT": exact, "BLOCK_K": 64, "BLOCK_J": 32})
+    for block_k, block_j in pro_scalar_tiles():
+        for exact in (True, False):
+            compile_one(f"loss_grouped pro_scalar exact={exact} K{block_k}xJ{block_j}", LG._pro_scalar_kernel,
+                        {"LP": "*fp32", "REF": "*fp32", "R": "*fp32", "ROWS": "*i64", "STARTS": "*i32",
+                         "COUNTS": "*i32", "ETA": "*fp32", "ALPHA": "*fp32", "OUT_GROUP": "*fp32", "OUT": "*fp32"},
+                        {"N": "i32", "beta": "fp32", "tau": "fp32", "scale": "fp32"},
+                        {"EXACT": exact, "BLOCK_K": block_k, "BLOCK_J": block_j},
+                        4)
 
 
 if __name__ == "__main__":

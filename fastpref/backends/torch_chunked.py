@@ -1,10 +1,10 @@
 """The fused head's function in chunked PyTorch: any device, memory bounded by the chunk sizes.
 
-Same math as the Triton kernels (``kernels/linear_logprob_forward.py``, ``linear_logprob_backward.py``):
-the vocabulary is walked in chunks of ``vocab_chunk`` columns with an online log-sum-exp over ``[M]`` running
-statistics, rows in chunks of ``row_chunk``; the backward rebuilds each ``row_chunk x vocab_chunk`` tile of
-logits from the saved ``lse``. Arithmetic is fp32 (float64 for float64 inputs): each vocabulary chunk of the
-head is upcast once, so extra memory is ``O(M D + row_chunk * vocab_chunk + vocab_chunk * D)``.
+Same math as the Triton backend, tile for tile (:mod:`._chunked` runs the same loops over both): the target logit
+by an indexed dot, the label-free online log-sum-exp over vocabulary chunks, ``lp = (z_y - max) - log sum``, and
+the chunked-GEMM backward with ``1 - p_y = -expm1(lp)``. Arithmetic is fp32 (float64 for float64 inputs): each
+chunk of the head and of the rows is upcast once per use, so extra memory is
+``O(row_chunk * (vocab_chunk + D))``. Autocast is off inside (the head computes what its dtype says).
 """
 
 from __future__ import annotations
@@ -13,15 +13,23 @@ from typing import Optional
 
 import torch
 
+from fastpref.kernels.config import backward_chunks
+
+from . import _chunked
+from ._chunked import spans
+from ._stats import RowStats, finish, merge_partials
+
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 8192
+WORKSPACE_BYTES = 96 * 2**20
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], scale: float, softcap: Optional[float]):
+def logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], scale: float, softcap: Optional[float]):
+    """``z = s (h w^T + b)``, softcapped; in the operands' dtype."""
     z = h @ w.t()
     if b is not None:
         z = z + b
@@ -32,12 +40,89 @@ def _logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], scale: 
     return z
 
 
-def _chunks(total: int, size: int):
-    for start in range(0, total, size):
-        yield start, min(start + size, total)
+def _slope(z: torch.Tensor, softcap: Optional[float]) -> Optional[torch.Tensor]:
+    return None if softcap is None else 1.0 - (z / softcap) ** 2
 
 
-def forward(
+def _set_label_column(tile: torch.Tensor, labels: torch.Tensor, v0: int, values: torch.Tensor) -> None:
+    """``tile[t, y_t - v0] = values[t]`` for the rows whose label falls in this chunk (no host synchronization)."""
+    col = (labels - v0).clamp(0, tile.shape[1] - 1)[:, None]
+    inside = ((labels >= v0) & (labels < v0 + tile.shape[1]))[:, None]
+    tile.scatter_(1, col, torch.where(inside, values.to(tile.dtype)[:, None], tile.gather(1, col)))
+
+
+class TorchTiles:
+    """Tiles for :mod:`._chunked` in PyTorch: rows gathered and upcast once per row chunk."""
+
+    def accum_dtype(self, dtype):
+        return compute_dtype(dtype)
+
+    def operand_dtype(self, dtype):
+        return compute_dtype(dtype)
+
+    def chunks(self, M, D, V, dtype):
+        size = compute_dtype(dtype).itemsize
+        return backward_chunks(M, D, V, size, size, workspace=WORKSPACE_BYTES, vocab_chunk=VOCAB_CHUNK)
+
+    def rows(self, hidden, rows):
+        return hidden.index_select(0, rows).to(compute_dtype(hidden.dtype))
+
+    def weight_operand(self, weight, v0, v1):
+        return weight[v0:v1].to(compute_dtype(weight.dtype))
+
+    def _logits(self, h, weight, bias, v0, v1, scale, softcap):
+        cdt = h.dtype
+        b = None if bias is None else bias[v0:v1].to(cdt)
+        return logits(h, weight[v0:v1].to(cdt), b, scale, softcap)
+
+    def target_logits(self, hidden, weight, bias, rows, labels, *, logit_scale, softcap):
+        """``z_{t, y_t}`` per row; ``-inf`` where the label is outside ``[0, V)`` (a shard that does not own it)."""
+        cdt = compute_dtype(hidden.dtype)
+        V = weight.shape[0]
+        out = torch.empty((rows.numel(),), dtype=cdt, device=hidden.device)
+        for r0, r1 in spans(rows.numel(), ROW_CHUNK):
+            y = labels[r0:r1]
+            owned = (y >= 0) & (y < V)
+            y = torch.where(owned, y, torch.zeros_like(y))
+            h = hidden.index_select(0, rows[r0:r1]).to(cdt)
+            z = (h * weight.index_select(0, y).to(cdt)).sum(dim=1)
+            if bias is not None:
+                z = z + bias.index_select(0, y).to(cdt)
+            z = z * logit_scale
+            if softcap is not None:
+                z = softcap * torch.tanh(z / softcap)
+            out[r0:r1] = torch.where(owned, z, torch.full_like(z, float("-inf")))
+        return out
+
+    def grad_tile(self, h, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad):
+        z = self._logits(h, weight, bias, v0, v1, logit_scale, softcap)
+        e = torch.exp((z - stats.max[:, None]) - stats.logsum[:, None]).neg_()
+        _set_label_column(e, labels, v0, -torch.expm1(lp))
+        slope = _slope(z, softcap)
+        if slope is not None:
+            e.mul_(slope)
+        db = None if grad is None else grad @ e
+        return e, db
+
+    def numerator_tile(self, h, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap):
+        from fastpref.kernels.softmax_numerator import NUMERATOR_CLAMP
+
+        z = self._logits(h, weight, bias, v0, v1, logit_scale, softcap)
+        _set_label_column(z, labels, v0, torch.full_like(ref, float("-inf")))
+        tile_max = z.amax(dim=1)
+        safe = torch.where(tile_max == float("-inf"), torch.zeros_like(tile_max), tile_max)
+        tile_sum = torch.exp(z - safe[:, None]).sum(dim=1)
+        slope = _slope(torch.where(z == float("-inf"), torch.zeros_like(z), z), softcap)
+        P = torch.exp(torch.clamp(z - ref[:, None], max=NUMERATOR_CLAMP))
+        if slope is not None:
+            P.mul_(slope)
+        return P, tile_max[None], tile_sum[None]
+
+
+TILES = TorchTiles()
+
+
+def shard_forward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -48,87 +133,56 @@ def forward(
     softcap: Optional[float] = None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token log-probs and log-sum-exps of ``hidden[rows]`` (see the module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(target, max, sum) [M]`` over this weight's vocabulary with the label's column excluded from
+    ``(max, sum)``; ``target = -inf`` where the label is outside ``[0, V)`` (see ``triton_fused.shard_forward``)."""
     cdt = compute_dtype(hidden.dtype)
     M, V = rows.numel(), weight.shape[0]
-    h_all = hidden.index_select(0, rows).to(cdt)
-    run_max = torch.full((M,), float("-inf"), dtype=cdt, device=hidden.device)
-    run_sum = torch.zeros(M, dtype=cdt, device=hidden.device)
-    target = torch.zeros(M, dtype=cdt, device=hidden.device)
     labels = labels.long()
-    for v0, v1 in _chunks(V, vocab_chunk):
-        w = weight[v0:v1].to(cdt)
-        b = bias[v0:v1].to(cdt) if bias is not None else None
-        for r0, r1 in _chunks(M, row_chunk):
-            z = _logits(h_all[r0:r1], w, b, logit_scale, softcap)
-            new_max = torch.maximum(run_max[r0:r1], z.max(dim=1).values)
-            run_sum[r0:r1] = run_sum[r0:r1] * torch.exp(run_max[r0:r1] - new_max) + torch.exp(z - new_max[:, None]).sum(1)
-            run_max[r0:r1] = new_max
-            y = labels[r0:r1]
-            inside = (y >= v0) & (y < v1)
-            picked = z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
-            target[r0:r1] += torch.where(inside, picked, torch.zeros_like(picked))
-    lse = run_max + torch.log(run_sum)
-    return target - lse, lse
+    target = TILES.target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+    row_max = torch.full((M,), float("-inf"), dtype=cdt, device=hidden.device)
+    row_sum = torch.zeros((M,), dtype=cdt, device=hidden.device)
+    for r0, r1 in spans(M, row_chunk):
+        h = TILES.rows(hidden, rows[r0:r1])
+        y = labels[r0:r1]
+        run_max, run_sum = row_max[r0:r1], row_sum[r0:r1]
+        for v0, v1 in spans(V, vocab_chunk):
+            z = TILES._logits(h, weight, bias, v0, v1, logit_scale, softcap)
+            _set_label_column(z, y, v0, torch.full_like(run_max, float("-inf")))
+            run_max, run_sum = merge_partials(run_max, run_sum, z.amax(dim=1)[None], _chunk_sums(z)[None])
+        row_max[r0:r1], row_sum[r0:r1] = run_max, run_sum
+    return target, row_max, row_sum
 
 
-def backward(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    rows: torch.Tensor,
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    grad: torch.Tensor,
-    *,
-    logit_scale: float = 1.0,
-    softcap: Optional[float] = None,
-    compute_dh: bool = True,
-    compute_dw: bool = True,
-    compute_db: bool = True,
-    dw_dtype: Optional[torch.dtype] = None,
-    row_chunk: int = ROW_CHUNK,
-    vocab_chunk: int = VOCAB_CHUNK,
-) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``dH`` (gathered rows), ``dW`` (in ``dw_dtype``, default the weight's: each vocabulary chunk is written
-    once, from its own accumulator), ``db`` of ``sum_t grad_t * lp_t``; ``None`` for what is not asked."""
-    cdt = compute_dtype(hidden.dtype)
-    M, (V, D) = rows.numel(), weight.shape
-    compute_db = compute_db and bias is not None
-    dev = hidden.device
-    dh = torch.zeros((M, D), dtype=cdt, device=dev) if compute_dh else None
-    dw = torch.empty((V, D), dtype=weight.dtype if dw_dtype is None else dw_dtype, device=dev) if compute_dw else None
-    db = torch.empty((V,), dtype=cdt, device=dev) if compute_db else None
-    h_all = hidden.index_select(0, rows).to(cdt)
-    g_all = grad.to(cdt)
-    labels = labels.long()
-    for v0, v1 in _chunks(V, vocab_chunk):
-        w = weight[v0:v1].to(cdt)
-        b = bias[v0:v1].to(cdt) if bias is not None else None
-        dw_chunk = torch.zeros((v1 - v0, D), dtype=cdt, device=dev) if compute_dw else None
-        db_chunk = torch.zeros((v1 - v0,), dtype=cdt, device=dev) if compute_db else None
-        for r0, r1 in _chunks(M, row_chunk):
-            h = h_all[r0:r1]
-            z = _logits(h, w, b, logit_scale, softcap)
-            dz = -torch.exp(z - lse[r0:r1, None].to(cdt))
-            y = labels[r0:r1]
-            inside = (y >= v0) & (y < v1)
-            idx = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
-            dz.scatter_add_(1, idx, inside.to(cdt)[:, None])
-            dz *= g_all[r0:r1, None]
-            if softcap is not None:
-                dz *= 1.0 - (z / softcap) ** 2
-            if logit_scale != 1.0:
-                dz *= logit_scale
-            if compute_dh:
-                dh[r0:r1] += dz @ w
-            if compute_dw:
-                dw_chunk += dz.t() @ h
-            if compute_db:
-                db_chunk += dz.sum(0)
-        if compute_dw:
-            dw[v0:v1] = dw_chunk
-        if compute_db:
-            db[v0:v1] = db_chunk
-    return dh, dw, db
+def _chunk_sums(z: torch.Tensor) -> torch.Tensor:
+    """``sum_v exp(z_v - max_v z)`` per row (0 for a row of ``-inf``)."""
+    top = z.amax(dim=1)
+    safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    return torch.exp(z - safe[:, None]).sum(dim=1)
+
+
+def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+            row_chunk: int = ROW_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, RowStats]:
+    """Token log-probs ``[M]`` and row statistics of ``hidden[rows]`` (see the module docstring)."""
+    target, run_max, run_sum = shard_forward(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
+                                             softcap=softcap, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
+    run_max, run_sum = merge_partials(target, torch.ones_like(target), run_max[None], run_sum[None])
+    return finish(target, run_max, run_sum)
+
+
+def backward(hidden, weight, bias, rows, labels, stats: RowStats, lp, grad, **options):
+    """See :func:`._chunked.chunked_backward`."""
+    return _chunked.chunked_backward(TILES, hidden, weight, bias, rows, labels.long(), stats, lp, grad, **options)
+
+
+def frozen_forward(hidden, weight, bias, rows, labels, **options):
+    """See :func:`._chunked.frozen_forward`."""
+    return _chunked.frozen_forward(TILES, hidden, weight, bias, rows, labels.long(), **options)
+
+
+def frozen_supported(dtype: torch.dtype) -> bool:
+    """Every dtype: the numerators are formed in fp32 (float64) here."""
+    return True
+
+
+__all__ = ["forward", "shard_forward", "backward", "frozen_forward", "frozen_supported", "compute_dtype", "logits", "merge_partials"]

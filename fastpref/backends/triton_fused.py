@@ -1,8 +1,105 @@
-"""The ``triton`` backend: the fused kernels of ``fastpref.kernels`` behind the backend interface."""
+"""The ``triton`` backend: Triton tile kernels (``fastpref.kernels``) and library GEMMs behind the backend interface.
+
+Forward: the target logit by an indexed dot, the label-free log-sum-exp statistics over vocabulary splits (one
+launch each), merged on the device (``O(M)``). Backward and frozen-head forward: the shared chunk loops of
+:mod:`._chunked` with the Triton tiles (``logits_grad``, ``softmax_numerator``) and cuBLAS GEMMs.
+"""
 
 from __future__ import annotations
 
-from fastpref.kernels.linear_logprob_backward import linear_logprob_backward as backward
-from fastpref.kernels.linear_logprob_forward import linear_logprob_forward as forward
+from typing import Optional
 
-__all__ = ["forward", "backward"]
+import torch
+
+from fastpref.kernels.config import backward_chunks
+from fastpref.kernels.logits_grad import logits_grad_tile
+from fastpref.kernels.softmax_numerator import softmax_numerator_tile
+from fastpref.kernels.target_logit import target_logits
+from fastpref.kernels.vocab_logsumexp import vocab_logsumexp
+
+from . import _chunked
+from ._stats import RowStats, from_partials, merge_partials
+
+
+class TritonTiles:
+    """Tiles for :mod:`._chunked`: the GEMM operands stay in the head's dtype, rows are read by index."""
+
+    def accum_dtype(self, dtype):
+        return torch.float32
+
+    def operand_dtype(self, dtype):
+        return dtype
+
+    def chunks(self, M, D, V, dtype):
+        size = torch.tensor([], dtype=dtype).element_size()
+        return backward_chunks(M, D, V, size)
+
+    def rows(self, hidden, rows):
+        return hidden, rows
+
+    def weight_operand(self, weight, v0, v1):
+        return weight[v0:v1]
+
+    def target_logits(self, hidden, weight, bias, rows, labels, *, logit_scale, softcap):
+        return target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+
+    def grad_tile(self, ctx, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad):
+        hidden, rows = ctx
+        dz, db_part = logits_grad_tile(hidden, weight, bias, rows, labels, stats.max, stats.logsum, lp, v0, v1 - v0,
+                                       logit_scale=logit_scale, softcap=softcap, dz_scale=dz_scale, grad=grad)
+        return dz, None if db_part is None else db_part.sum(dim=0)
+
+    def numerator_tile(self, ctx, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap):
+        hidden, rows = ctx
+        return softmax_numerator_tile(hidden, weight, bias, rows, labels, ref, v0, v1 - v0,
+                                      logit_scale=logit_scale, softcap=softcap)
+
+
+TILES = TritonTiles()
+
+
+def _contiguous(bias: Optional[torch.Tensor], rows: torch.Tensor, labels: torch.Tensor):
+    return (None if bias is None else bias.contiguous()), rows.contiguous(), labels.contiguous()
+
+
+def shard_forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                  num_splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(target, max, sum) [M]`` fp32 over this weight's vocabulary, the label's column excluded from
+    ``(max, sum)`` (``-inf``/0 when nothing is left); ``target`` is ``-inf`` where the label is outside
+    ``[0, V)``. A vocabulary-parallel head merges these across ranks (``_stats.merge_partials``)."""
+    bias, rows, labels = _contiguous(bias, rows, labels)
+    target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+    max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
+                                         softcap=softcap, num_splits=num_splits)
+    run_max, run_sum = merge_partials(torch.full_like(target, float("-inf")), torch.zeros_like(target),
+                                      max_part, sum_part)
+    return target, run_max, run_sum
+
+
+def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
+            num_splits: Optional[int] = None) -> tuple[torch.Tensor, RowStats]:
+    """Token log-probs ``[M]`` and row statistics (fp32) of the rows ``hidden[rows]`` (labels in ``[0, V)``)."""
+    bias, rows, labels = _contiguous(bias, rows, labels)
+    target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+    max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
+                                         softcap=softcap, num_splits=num_splits)
+    return from_partials(target, max_part, sum_part)
+
+
+def backward(hidden, weight, bias, rows, labels, stats: RowStats, lp, grad, **options):
+    """See :func:`._chunked.chunked_backward`."""
+    bias, rows, labels = _contiguous(bias, rows, labels)
+    stats = RowStats(stats.max.float().contiguous(), stats.logsum.float().contiguous())
+    return _chunked.chunked_backward(TILES, hidden, weight, bias, rows, labels, stats, lp.float().contiguous(),
+                                     grad.float().contiguous(), **options)
+
+
+def frozen_forward(hidden, weight, bias, rows, labels, **options):
+    """See :func:`._chunked.frozen_forward`."""
+    bias, rows, labels = _contiguous(bias, rows, labels)
+    return _chunked.frozen_forward(TILES, hidden, weight, bias, rows, labels, **options)
+
+
+def frozen_supported(dtype: torch.dtype) -> bool:
+    """bf16 and fp32 heads (fp16's range cannot hold the numerators: those heads use the recompute backward)."""
+    return dtype in (torch.bfloat16, torch.float32)

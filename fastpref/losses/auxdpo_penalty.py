@@ -50,7 +50,8 @@ from torch.autograd.function import once_differentiable
 
 from .._validation import require_finite_number
 from ..backends import torch_chunked
-from ..backends.torch_chunked import ROW_CHUNK, VOCAB_CHUNK, _chunks, _logits, compute_dtype
+from ..backends._chunked import spans
+from ..backends.torch_chunked import ROW_CHUNK, VOCAB_CHUNK, compute_dtype, logits
 from ..logprobs import RESPONSE, _layout, _resolve_backend
 
 __all__ = ["head_null_penalty", "param_null_penalty", "null_space_basis", "head_null_row_terms_torch"]
@@ -91,7 +92,9 @@ def head_null_row_terms_torch(
     bias: Optional[torch.Tensor],
     rows: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    row_max: torch.Tensor,
+    row_logsum: torch.Tensor,
+    lp: torch.Tensor,
     g_weight: torch.Tensor,
     g_bias: Optional[torch.Tensor],
     *,
@@ -103,29 +106,32 @@ def head_null_row_terms_torch(
     """``u_t = r_t . (G h_t + g_b)`` for the rows ``hidden[rows]`` (module docstring), chunked like
     ``fastpref.backends.torch_chunked``; the same function as ``fastpref.kernels.head_null_penalty``.
 
-    fp32 arithmetic (float64 for float64 inputs); extra memory ``O(M D + row_chunk * vocab_chunk)``.
+    ``row_max``, ``row_logsum``, ``lp``: the forward's row statistics and token log-probs (``p`` is rebuilt as
+    ``exp((z - max) - log sum)``, and ``1 - p`` at the label as ``-expm1(lp)``). fp32 arithmetic (float64 for
+    float64 inputs); extra memory ``O(M D + row_chunk * vocab_chunk)``.
     """
     cdt = compute_dtype(hidden.dtype)
     M, V = rows.numel(), weight.shape[0]
     h_all = hidden.index_select(0, rows).to(cdt)
-    lse = lse.to(cdt)
+    row_max, row_logsum, one_minus_py = row_max.to(cdt), row_logsum.to(cdt), -torch.expm1(lp.to(cdt))
     labels = labels.long()
     u = torch.zeros(M, dtype=cdt, device=hidden.device)
-    for v0, v1 in _chunks(V, vocab_chunk):
+    for v0, v1 in spans(V, vocab_chunk):
         w = weight[v0:v1].to(cdt)
         b = bias[v0:v1].to(cdt) if bias is not None else None
         g = g_weight[v0:v1].to(cdt)
         gb = g_bias[v0:v1].to(cdt) if g_bias is not None else None
-        for r0, r1 in _chunks(M, row_chunk):
+        for r0, r1 in spans(M, row_chunk):
             h = h_all[r0:r1]
-            z = _logits(h, w, b, logit_scale, softcap)
+            z = logits(h, w, b, logit_scale, softcap)
             q = h @ g.t()
             if gb is not None:
                 q += gb
-            r = -torch.exp(z - lse[r0:r1, None])
+            r = -torch.exp((z - row_max[r0:r1, None]) - row_logsum[r0:r1, None])
             y = labels[r0:r1]
-            inside = (y >= v0) & (y < v1)
-            r.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1)[:, None], inside.to(cdt)[:, None])
+            col = (y - v0).clamp(0, v1 - v0 - 1)[:, None]
+            inside = ((y >= v0) & (y < v1))[:, None]
+            r.scatter_(1, col, torch.where(inside, one_minus_py[r0:r1, None], r.gather(1, col)))
             if softcap is not None:
                 r *= 1.0 - (z / softcap) ** 2
             u[r0:r1] += (r * q).sum(1)
@@ -231,13 +237,13 @@ def head_null_penalty(
     options = {"logit_scale": logit_scale, "softcap": softcap}
     all_active = bool(active.all())
     if all_active or need_grad:
-        _, lse = impl.forward(hidden2d, weight, bias, rows, row_labels, **options)
-        lse_a = lse if all_active else lse[active]
+        lp, stats = impl.forward(hidden2d, weight, bias, rows, row_labels, **options)
+        lp_a, stats_a = (lp, stats) if all_active else (lp[active], stats.select(active))
     else:  # pass 1 needs only the rows with a non-zero weight
-        _, lse_a = impl.forward(hidden2d, weight, bias, rows[active], row_labels[active], **options)
+        lp_a, stats_a = impl.forward(hidden2d, weight, bias, rows[active], row_labels[active], **options)
     sel = (lambda x: x) if all_active else (lambda x: x[active])  # noqa: E731
     _, g_weight, g_bias = impl.backward(
-        hidden2d, weight, bias, sel(rows), sel(row_labels), lse_a, sel(row_weight),
+        hidden2d, weight, bias, sel(rows), sel(row_labels), stats_a, lp_a, sel(row_weight),
         compute_dh=False, compute_dw=True, compute_db=bias is not None, dw_dtype=cdt, **options)
     penalty = g_weight.to(cdt).square().sum()
     if g_bias is not None:
@@ -245,7 +251,8 @@ def head_null_penalty(
 
     grad_delta = None
     if need_grad:
-        u = _row_terms(impl)(hidden2d, weight, bias, rows, row_labels, lse, g_weight, g_bias, **options)
+        u = _row_terms(impl)(hidden2d, weight, bias, rows, row_labels, stats.max, stats.logsum, lp, g_weight, g_bias,
+                             **options)
         grad_delta = 2.0 * torch.zeros(S, dtype=cdt, device=hidden.device).index_add(0, row_seq, u.to(cdt))
     return _attach(delta, penalty, grad_delta)
 
