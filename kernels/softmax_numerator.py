@@ -34,7 +34,7 @@ NUMERATOR_CLAMP = 80.0  # exp(80) = 5.5e34: finite in fp32 and bf16
 
 @triton.jit
 def _softmax_numerator_kernel(
-    H, W, B, ROWS, LABELS, REF, P, MAX_PART, SUM_PART, T1_PART, T2_PART, ZSUM_PART, BEFORE_PART,
+    H, W, B, ROWS, LABELS, REF, P, MAX_PART, SUM_PART, T1_PART, T2_PART, ZSUM_PART, BEFORE_PART, LABEL_PART,
     M, v_begin, vc, D, stride_h, stride_w, stride_p,
     scale, softcap, clamp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -55,7 +55,9 @@ def _softmax_numerator_kernel(
     acc = logits_tile(H, W, rows, m_mask, offs_v, v_mask, D, stride_h, stride_w,
                       UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
     z = logits_epilogue(acc, B, offs_v, v_mask, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-    z = tl.where(offs_v[None, :] == labels[:, None], float("-inf"), z)
+    is_label = offs_v[None, :] == labels[:, None]
+    at_label = tl.max(tl.where(is_label, z, float("-inf")), axis=1)
+    z = tl.where(is_label, float("-inf"), z)
 
     tile_max = tl.max(z, axis=1)
     safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)
@@ -65,11 +67,12 @@ def _softmax_numerator_kernel(
     tl.store(SUM_PART + out, tl.sum(e, axis=1), mask=m_mask)
     if STATS:
         finite = z != float("-inf")
-        tl.store(T1_PART + out, tl.sum(tl.where(finite, e * (z - safe[:, None]), 0.0), axis=1), mask=m_mask)
+        tl.store(T1_PART + out, tl.sum(e * tl.where(finite, z - safe[:, None], 0.0), axis=1), mask=m_mask)
         tl.store(T2_PART + out, tl.sum(e * e, axis=1), mask=m_mask)
         tl.store(ZSUM_PART + out, tl.sum(tl.where(finite, z, 0.0), axis=1), mask=m_mask)
         tl.store(BEFORE_PART + out, tl.max(tl.where(offs_v[None, :] < labels[:, None], z, float("-inf")), axis=1),
                  mask=m_mask)
+        tl.store(LABEL_PART + out, at_label, mask=m_mask)
 
     num = tl.exp(tl.minimum(z - ref[:, None], clamp))
     num = num * softcap_slope(tl.where(z == float("-inf"), 0.0, z), softcap, HAS_SOFTCAP)
@@ -94,13 +97,13 @@ def softmax_numerator_tile(
 ) -> tuple[torch.Tensor, ...]:
     """``(P [mc, vc] in hidden's dtype, max_part [tiles, mc], sum_part [tiles, mc])`` (module docstring) for the
     rows ``hidden[rows]`` and the columns ``[v_begin, v_begin + vc)``; ``ref`` fp32 ``[mc]``. With ``stats``, also
-    ``(t1_part, t2_part, zsum_part, before_part)``."""
+    ``(t1_part, t2_part, zsum_part, before_part, label_part)``."""
     mc, D = rows.numel(), hidden.shape[1]
-    cfg = tile or grad_tile_config(hidden.dtype)
+    cfg = tile or grad_tile_config(hidden.dtype, heavy=stats)
     row_blocks, vocab_tiles = triton.cdiv(mc, cfg.block_m), triton.cdiv(vc, cfg.block_v)
     P = output_buffer((mc, vc), hidden.dtype, hidden.device)
-    parts = [output_buffer((vocab_tiles, mc), torch.float32, hidden.device) for _ in range(6 if stats else 2)]
-    extra = parts[2:] if stats else parts[:1] * 4
+    parts = [output_buffer((vocab_tiles, mc), torch.float32, hidden.device) for _ in range(7 if stats else 2)]
+    extra = parts[2:] if stats else parts[:1] * 5
     padded_d = triton.cdiv(D, cfg.block_d) * cfg.block_d
     launch(_softmax_numerator_kernel, (row_blocks, vocab_tiles),
            (hidden, weight, bias if bias is not None else weight, rows, labels, ref, P, *parts[:2], *extra,

@@ -12,7 +12,9 @@ With ``STATS`` the same pass also accumulates, online (rescaled with the running
 statistics need (``backends/_stats.py`` turns them into entropy, ``log sum p^2``, mean logit, argmax == label)::
 
     t1_s = sum_v e_v (z_v - max_s),   t2_s = sum_v e_v^2,   zsum_s = sum_v z_v,   before_s = max_{v < y_t} z_v
-    (e_v = exp(z_v - max_s), label excluded; t1 is kept relative to the max so a peaked row loses nothing)
+    label_s = z_{t, y_t} as this tile computed it (-inf when the split does not hold the label)
+    (e_v = exp(z_v - max_s), label excluded; t1 is kept relative to the max so a peaked row loses nothing;
+    argmax == label compares label_s with the other columns of the same tiles, so ties resolve as argmax does)
 
 Grid: one program per (row block, vocabulary split), ordered by a grouped swizzle: ``GROUP_M`` consecutive row
 blocks take consecutive program ids for every split, so the programs resident at once share ``GROUP_M`` row
@@ -36,7 +38,7 @@ from .logits_tile import logits_epilogue, logits_tile
 
 @triton.jit
 def _vocab_logsumexp_kernel(
-    H, W, B, ROWS, LABELS, MAX_PART, SUM_PART, T1_PART, T2_PART, ZSUM_PART, BEFORE_PART,
+    H, W, B, ROWS, LABELS, MAX_PART, SUM_PART, T1_PART, T2_PART, ZSUM_PART, BEFORE_PART, LABEL_PART,
     M, V, D, stride_h, stride_w, cols_per_split, num_splits,
     scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -64,13 +66,17 @@ def _vocab_logsumexp_kernel(
     t2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
     zsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     before = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    at_label = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for v0 in range(v_begin, v_end, BLOCK_V):
         offs_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         v_mask = offs_v < v_end
         acc = logits_tile(H, W, rows, m_mask, offs_v, v_mask, D, stride_h, stride_w,
                           UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
         z = logits_epilogue(acc, B, offs_v, v_mask, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        z = tl.where(offs_v[None, :] == labels[:, None], float("-inf"), z)  # the label's logit comes from the dot
+        is_label = offs_v[None, :] == labels[:, None]
+        if STATS:
+            at_label = tl.maximum(at_label, tl.max(tl.where(is_label, z, float("-inf")), axis=1))
+        z = tl.where(is_label, float("-inf"), z)  # the label's logit comes from the dot
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # a tile holding only the label: no NaN
         rescale = tl.exp(run_max - safe)
@@ -78,7 +84,7 @@ def _vocab_logsumexp_kernel(
         if STATS:
             finite = z != float("-inf")
             shift = tl.where(run_max == float("-inf"), 0.0, run_max - safe)
-            t1 = rescale * (t1 + run_sum * shift) + tl.sum(tl.where(finite, e * (z - safe[:, None]), 0.0), axis=1)
+            t1 = rescale * (t1 + run_sum * shift) + tl.sum(e * tl.where(finite, z - safe[:, None], 0.0), axis=1)
             t2 = rescale * rescale * t2 + tl.sum(e * e, axis=1)
             zsum += tl.sum(tl.where(finite, z, 0.0), axis=1)
             before = tl.maximum(before, tl.max(tl.where(offs_v[None, :] < labels[:, None], z, float("-inf")), axis=1))
@@ -93,6 +99,7 @@ def _vocab_logsumexp_kernel(
         tl.store(T2_PART + out, t2, mask=m_mask)
         tl.store(ZSUM_PART + out, zsum, mask=m_mask)
         tl.store(BEFORE_PART + out, before, mask=m_mask)
+        tl.store(LABEL_PART + out, at_label, mask=m_mask)
 
 
 def vocab_logsumexp(
@@ -116,20 +123,20 @@ def vocab_logsumexp(
     tile configuration (``benchmarks.tune_head`` times the candidates).
     """
     M, (V, D) = rows.numel(), weight.shape
-    cfg = tile or forward_config(hidden.dtype)
+    cfg = tile or forward_config(hidden.dtype, stats)
     row_blocks = triton.cdiv(M, cfg.block_m)
     vocab_tiles = triton.cdiv(V, cfg.block_v)
     if num_splits is None:
         num_splits = plan_vocab_splits(row_blocks, vocab_tiles, resident_programs(hidden.device, cfg))
     cols_per_split, splits = split_columns(V, cfg.block_v, num_splits)
 
-    parts = [output_buffer((splits, M), torch.float32, hidden.device) for _ in range(6 if stats else 2)]
+    parts = [output_buffer((splits, M), torch.float32, hidden.device) for _ in range(7 if stats else 2)]
     max_part, sum_part = parts[:2]
-    t1_part, t2_part, zsum_part, before_part = parts[2:] if stats else (max_part,) * 4
+    extra = parts[2:] if stats else (max_part,) * 5
     padded_d = triton.cdiv(D, cfg.block_d) * cfg.block_d
     launch(_vocab_logsumexp_kernel, (row_blocks * splits,),
            (hidden, weight, bias if bias is not None else weight, rows, labels, max_part, sum_part,
-            t1_part, t2_part, zsum_part, before_part, M, V, D, hidden.stride(0), weight.stride(0), cols_per_split, splits,
+            *extra, M, V, D, hidden.stride(0), weight.stride(0), cols_per_split, splits,
             float(logit_scale), float(softcap) if softcap is not None else 1.0),
            dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),

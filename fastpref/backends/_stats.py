@@ -10,7 +10,8 @@ Per-token statistics (:class:`Partials` with ``t1, t2, zsum, before``) are merge
     entropy     = -sum_v p_v log p_v = log sum - t1 / sum          (t1 = sum_v e_v (z_v - max): no cancellation)
     log sum p^2 = log t2 - 2 log sum                               (t2 = sum_v e_v^2)
     mean logit  = (zsum + z_y) / V
-    argmax == y : z_y > max_{v < y} z_v  and  z_y >= max_{v != y} z_v   (the first maximal index, as argmax)
+    argmax == y : z'_y > max_{v < y} z_v  and  z'_y >= max_{v != y} z_v   (the first maximal index, as argmax;
+                  z'_y is the label's logit as the vocabulary tiles computed it, so a tie is judged on equal terms)
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class TokenStats(NamedTuple):
 
 class Partials(NamedTuple):
     """Label-free partial statistics over part of the vocabulary, ``[P, M]`` (or running ``[M]``); ``sum``, ``t1``
-    and ``t2`` are relative to ``max`` (``-inf``/0 for an empty part). ``t1 .. before`` only with statistics."""
+    and ``t2`` are relative to ``max`` (``-inf``/0 for an empty part). ``t1 .. label`` only with statistics:
+    ``before`` the max over columns before the label, ``label`` the label's own tile logit (``-inf`` if absent)."""
 
     max: torch.Tensor
     sum: torch.Tensor
@@ -54,12 +56,13 @@ class Partials(NamedTuple):
     t2: Optional[torch.Tensor] = None
     zsum: Optional[torch.Tensor] = None
     before: Optional[torch.Tensor] = None
+    label: Optional[torch.Tensor] = None
 
     @staticmethod
     def empty(like: torch.Tensor, stats: bool) -> "Partials":
         zeros = lambda: torch.zeros_like(like)  # noqa: E731
         ninf = lambda: torch.full_like(like, NEG_INF)  # noqa: E731
-        return Partials(ninf(), zeros(), *((zeros(), zeros(), zeros(), ninf()) if stats else ()))
+        return Partials(ninf(), zeros(), *((zeros(), zeros(), zeros(), ninf(), ninf()) if stats else ()))
 
 
 def _safe(m: torch.Tensor) -> torch.Tensor:
@@ -79,7 +82,7 @@ def merge(run: Partials, part: Partials) -> Partials:
     t1 = f_run * (run.t1 + run.sum * shift_run) + (f_part * (part.t1 + part.sum * shift_part)).sum(dim=0)
     t2 = f_run * f_run * run.t2 + (f_part * f_part * part.t2).sum(dim=0)
     return Partials(new_max, total, t1, t2, run.zsum + part.zsum.sum(dim=0),
-                    torch.maximum(run.before, part.before.amax(dim=0)))
+                    torch.maximum(run.before, part.before.amax(dim=0)), torch.maximum(run.label, part.label.amax(dim=0)))
 
 
 def merge_partials(run_max: torch.Tensor, run_sum: torch.Tensor, max_part: torch.Tensor,
@@ -109,12 +112,13 @@ def with_target(target: torch.Tensor, run: Partials, vocab_size: int) -> tuple[t
         lp, stats = finish(target, run_max, run_sum)
         return lp, stats, None
     zero = torch.zeros_like(target)
-    own = Partials(target, torch.ones_like(target), zero, torch.ones_like(target), target, torch.full_like(target, NEG_INF))
+    ninf = torch.full_like(target, NEG_INF)
+    own = Partials(target, torch.ones_like(target), zero, torch.ones_like(target), target, ninf, ninf)
     total = merge(Partials(*(x for x in run)), Partials(*(x[None] for x in own)))
     logsum = torch.log(total.sum)
     mean_shift = total.t1 / total.sum
     lp = (target - total.max) - logsum
     tokens = TokenStats(entropy=logsum - mean_shift, log_sum_p2=torch.log(total.t2) - 2.0 * logsum,
                         mean_logit=total.zsum / vocab_size,
-                        argmax_is_label=(target > run.before) & (target >= run.max))
+                        argmax_is_label=(run.label > run.before) & (run.label >= run.max))
     return lp, RowStats(total.max, logsum, mean_shift), tokens

@@ -113,8 +113,7 @@ class TorchTiles:
         from fastpref.kernels.softmax_numerator import NUMERATOR_CLAMP
 
         z = self._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-        _set_label_column(z, labels, v0, torch.full_like(ref, float("-inf")))
-        part = _label_free_partials(z, labels, v0, stats)
+        part = _label_free_partials(z, labels, v0, stats, _mask_label(z, labels, v0))
         slope = _slope(torch.where(z == float("-inf"), torch.zeros_like(z), z), softcap)
         P = torch.exp(torch.clamp(z - ref[:, None], max=NUMERATOR_CLAMP))
         if slope is not None:
@@ -122,7 +121,19 @@ class TorchTiles:
         return P, part
 
 
-def _label_free_partials(z: torch.Tensor, labels: torch.Tensor, v0: int, stats: bool) -> Partials:
+def _mask_label(z: torch.Tensor, labels: torch.Tensor, v0: int) -> torch.Tensor:
+    """Set each row's label column (when it falls in this chunk) to ``-inf``; return its logit there (``-inf``
+    when the chunk does not hold the label)."""
+    col = (labels - v0).clamp(0, z.shape[1] - 1)[:, None]
+    inside = ((labels >= v0) & (labels < v0 + z.shape[1]))[:, None]
+    ninf = torch.full_like(z[:, :1], float("-inf"))
+    at_label = torch.where(inside, z.gather(1, col), ninf)
+    z.scatter_(1, col, torch.where(inside, ninf, z.gather(1, col)))
+    return at_label.squeeze(1)
+
+
+def _label_free_partials(z: torch.Tensor, labels: torch.Tensor, v0: int, stats: bool,
+                         at_label: Optional[torch.Tensor] = None) -> Partials:
     """Partial statistics ``[1, rows]`` of a logits chunk whose label column is already ``-inf``."""
     top = z.amax(dim=1)
     safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
@@ -134,8 +145,9 @@ def _label_free_partials(z: torch.Tensor, labels: torch.Tensor, v0: int, stats: 
     cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
     before = torch.where(cols[None, :] < labels[:, None], z, torch.full_like(z, float("-inf"))).amax(dim=1)
     zero = torch.zeros_like(z)
-    return Partials(top[None], e.sum(dim=1)[None], torch.where(finite, e * shifted, zero).sum(dim=1)[None],
-                    (e * e).sum(dim=1)[None], torch.where(finite, z, zero).sum(dim=1)[None], before[None])
+    return Partials(top[None], e.sum(dim=1)[None], (e * torch.where(finite, shifted, zero)).sum(dim=1)[None],
+                    (e * e).sum(dim=1)[None], torch.where(finite, z, zero).sum(dim=1)[None], before[None],
+                    at_label[None])
 
 
 TILES = TorchTiles()
@@ -153,8 +165,7 @@ def _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_ch
         run = Partials(*(x[r0:r1] for x in out if x is not None))
         for v0, v1 in spans(V, vocab_chunk):
             z = TILES._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-            _set_label_column(z, y, v0, torch.full_like(run.max, float("-inf")))
-            run = merge(run, _label_free_partials(z, y, v0, stats))
+            run = merge(run, _label_free_partials(z, y, v0, stats, _mask_label(z, y, v0)))
         for dst, src in zip(out, run):
             if dst is not None:
                 dst[r0:r1] = src
