@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._hints import install_hint
+
 __all__ = ["main"]
 
-DEMO_EXTRA = "pip install 'fastpref[demo]'"
+DEMO_EXTRA = install_hint("demo")
 
 
 class _UsageError(Exception):

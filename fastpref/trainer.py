@@ -58,7 +58,12 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+try:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    from ._hints import install_hint
+
+    raise ImportError(f"fastpref.trainer needs transformers: {install_hint('hf')}") from exc
 
 from .collators import BinaryFeedbackCollator, PairwiseRewardCollator, ScalarFeedbackCollator, TYPOCollator
 from .integrations._hf_utils import find_causal_lm, is_peft_model, reference_adapter, resolve_head

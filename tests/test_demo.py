@@ -192,7 +192,7 @@ def test_missing_transformers_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_has_module", lambda name: name != "transformers")
     assert main(["demo", "--method", "dpo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'fastpref[demo]'" in err[0]
+    assert len(err) == 1 and 'pip install -e ".[demo]"' in err[0]
 
 
 def test_missing_matplotlib_skips_the_png(monkeypatch, tmp_path, capsys):

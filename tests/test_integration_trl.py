@@ -29,6 +29,9 @@ from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
 from fastpref.losses import functional as FL  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(100)]
+# transformers 5.2x renamed `gradient_checkpointing` (deprecated, warns) to `activation_checkpointing`
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+                 else "gradient_checkpointing")
 LOSS_TOL = 2e-5  # relative, fp32 rounding (chunked log-softmax sums in another order)
 GRAD_TOL = 1e-4  # ||g - g_ref|| / ||g_ref|| per parameter tensor
 PARAM_TOL = 1e-6  # absolute, updated parameters after two SGD steps
@@ -91,8 +94,9 @@ def _model(seed=0):
 def _config(tmp_path, **kwargs):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
                 max_steps=2, report_to=[], save_strategy="no", logging_steps=1, learning_rate=0.1, optim="sgd",
-                lr_scheduler_type="constant", use_cpu=True, seed=0, gradient_checkpointing=False,
-                disable_tqdm=True, dataloader_num_workers=0, bf16=False)
+                lr_scheduler_type="constant", use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0, bf16=False)
+    base[CHECKPOINTING] = False
     base.update(kwargs)
     return DPOConfig(**base)
 
@@ -192,7 +196,7 @@ def test_loss_type_matches_stock(loss_type, tokenizer, tmp_path):
     {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5},
     {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
     {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-    {"loss_type": ["sigmoid"], "gradient_checkpointing": True},
+    {"loss_type": ["sigmoid"], CHECKPOINTING: True},
     {"loss_type": ["ipo"], "ld_alpha": 0.3, "precompute_ref_log_probs": True, "ref": False},
 ], ids=["multi-loss", "ld_alpha", "js_divergence", "alpha_divergence", "gradient_checkpointing",
         "ld_alpha-precompute"])

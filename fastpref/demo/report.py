@@ -57,7 +57,9 @@ def write_plot(path: Path, results: Sequence[MethodResult], title: str = "") -> 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: skipping the PNG (pip install 'fastpref[demo]')"
+        from .._hints import install_hint
+
+        return f"matplotlib is not installed: skipping the PNG ({install_hint('demo')})"
     n = len(results)
     cols = min(5, max(1, n))
     loss_rows = math.ceil(n / cols)

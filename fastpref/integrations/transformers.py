@@ -38,7 +38,12 @@ from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
+try:
+    from transformers.utils import ModelOutput
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    from .._hints import install_hint
+
+    raise ImportError(f"fastpref.integrations.transformers needs transformers: {install_hint('hf')}") from exc
 
 from .._rows import last_row_where, row_sequences
 from .._validation import raise_failed_checks

@@ -97,7 +97,9 @@ from torch import nn
 try:
     from trl import DPOConfig, DPOTrainer
 except ImportError as exc:  # pragma: no cover - trl is an optional dependency
-    raise ImportError("fastpref.integrations.trl needs TRL: `pip install 'fastpref[trl]'`") from exc
+    from .._hints import install_hint
+
+    raise ImportError(f"fastpref.integrations.trl needs TRL: {install_hint('trl')}") from exc
 
 from ..logprobs import BACKENDS
 from ..losses.auxdpo import DEFAULT_LAMBDA_AMP, DEFAULT_LAMBDA_NULL, auxdpo_loss
