@@ -108,7 +108,9 @@ def value_checks(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
     def overflow_message() -> str:
         h, w = float(magnitudes["hidden"]), float(magnitudes["weight"])
-        return (f"the logits can overflow float32: |logit_scale * (W h + b)| may reach {float(bound):.3g} > "
+        b = float(magnitudes["bias"]) if "bias" in magnitudes else 0.0
+        reach = logit_scale * (D * h * w + b)  # float64, for the message
+        return (f"the logits can overflow float32: |logit_scale * (W h + b)| may reach {reach:.3g} > "
                 f"{LOGIT_LIMIT:.3g} (`logit_scale`={logit_scale:g}, max |`hidden`| {h:.3g}, max |`weight`| {w:.3g}, "
                 f"hidden size {D}); the fused head computes the logits in float32, so reduce `logit_scale` or the "
                 "magnitude of `hidden` / `weight`")
