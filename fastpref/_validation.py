@@ -126,9 +126,11 @@ def empty_sequences_check(scored_per_sequence: torch.Tensor) -> tuple[Message, t
     def message() -> str:
         index = torch.nonzero(empty).reshape(-1).tolist()
         shown = ", ".join(str(i) for i in index[:10]) + (", ..." if len(index) > 10 else "")
-        which = f"sequence {index[0]}" if len(index) == 1 else f"{len(index)} sequences ({shown})"
-        return (f"{which} of {empty.numel()} (0-based) {'has' if len(index) == 1 else 'have'} no scored token "
-                "(every label is ignore_index or its segment id is 0); drop it from the batch or mark its response")
+        one = len(index) == 1
+        which = f"sequence {index[0]}" if one else f"{len(index)} sequences ({shown})"
+        return (f"{which} of {empty.numel()} (0-based) {'has' if one else 'have'} no scored token (every label is "
+                f"ignore_index or its segment id is 0); drop {'it' if one else 'them'} from the batch or mark "
+                f"{'its' if one else 'their'} response tokens")
 
     return message, empty.any()
 

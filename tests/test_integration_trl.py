@@ -698,3 +698,34 @@ def test_diverged_parameters_raise_naming_one(tokenizer, tmp_path):
     trainer = _fp16_trainer(tokenizer, tmp_path, callbacks=[Diverge()])
     with pytest.raises(RuntimeError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight.*diverged"):
         trainer.train()
+
+
+# --------------------------------------------------------------------------------------------- method names
+
+
+@pytest.mark.parametrize("name,where", [
+    ("ipo", "DPOConfig(loss_type='ipo')"), ("hinge", "DPOConfig(loss_type='hinge')"),
+    ("pro-binary", "BinaryFeedbackTrainer(method='pro')"), ("pro-scalar", "ScalarFeedbackTrainer(method='pro')"),
+    ("dro", "ScalarFeedbackTrainer(method='dro')"), ("kto", "BinaryFeedbackTrainer(method='kto')"),
+    ("edpo", "OracleRewardTrainer(method='edpo')"),
+])
+def test_method_names_of_other_trainers_point_there(name, where, tokenizer, tmp_path):
+    import re
+
+    with pytest.raises(ValueError, match=r"`method` must be one of .*" + re.escape(where)):
+        FastPrefDPOTrainer(model=_model(), args=_config(tmp_path), train_dataset=_dataset(),
+                           processing_class=tokenizer, method=name)
+
+
+def test_every_named_trainer_call_is_valid():
+    """Each `FastPrefDPOTrainer(method=...)` / `DPOConfig(loss_type=...)` the name table gives is accepted."""
+    import re
+
+    from fastpref._method_names import TRAINER_CALLS
+    from fastpref.integrations.trl import METHODS
+
+    for name, call in TRAINER_CALLS.items():
+        for method in re.findall(r"FastPrefDPOTrainer\(method='([\w-]+)'\)", call):
+            assert method in METHODS, (name, call)
+        for loss_type in re.findall(r"DPOConfig\(loss_type='([\w-]+)'\)", call):
+            assert loss_type in FL.DPO_LOSS_TYPES, (name, call)

@@ -420,6 +420,29 @@ def test_pure_fp16_overflowing_step_is_skipped(name, tmp_path, caplog):
     assert "skipped" in caplog.text
 
 
+def test_method_names_map_to_these_trainers():
+    """Every `SomeTrainer(method='x')` of the name table is accepted by that trainer (it gets as far as the model
+    check), and a method of another trainer is refused with a pointer to it."""
+    import re
+
+    import fastpref.trainer as trainers
+    from fastpref._method_names import TRAINER_CALLS
+
+    checked = 0
+    for name, call in TRAINER_CALLS.items():
+        for cls_name, method in re.findall(r"(\w+Trainer)\(method='([\w-]+)'\)", call):
+            if cls_name == "FastPrefDPOTrainer":
+                continue
+            with pytest.raises(TypeError, match="model"):  # the method passed; the missing model did not
+                getattr(trainers, cls_name)(None, method=method)
+            checked += 1
+    assert checked >= 5
+    with pytest.raises(ValueError, match=re.escape("ScalarFeedbackTrainer(method='dro')")):
+        BinaryFeedbackTrainer(_model(), method="dro")
+    with pytest.raises(ValueError, match=re.escape("BinaryFeedbackTrainer(method='pro')")):
+        ScalarFeedbackTrainer(_model(), method="pro-binary")
+
+
 def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
     peft = pytest.importorskip("peft")
     base = _model(0)
