@@ -78,3 +78,11 @@ def test_install_hints_name_a_command_that_works_from_a_checkout():
             if bad.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_readme_links_stay_in_the_repository():
+    """A clone carries everything the README points to: no link leaves the repository (`../shared/...`)."""
+    targets = re.findall(r"\]\(([^)\s]+)\)", TEXT) + re.findall(r"`(\.\./[^`]+)`", TEXT)
+    outside = [t for t in targets if not re.match(r"[a-z]+://", t) and (t.startswith("../") or t.startswith("/"))]
+    assert not outside, outside
+    assert "METHODS.md" not in TEXT and "docs/methods.md" in TEXT
