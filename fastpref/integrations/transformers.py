@@ -27,6 +27,10 @@ Logit transforms read from the config: see :func:`fastpref.integrations._hf_util
 ``unpadded_vocab_size``, HyperCLOVA X's multiplying ``logits_scaling``, MuseSpark's ``output_multiplier``).
 At patch time the transform is checked against the model's own forward on three synthetic hidden states
 (``verify=True``), so an architecture whose head does something else fails loudly instead of silently.
+
+The patch lives on the instance (its ``forward`` and settings): ``copy.deepcopy``, ``copy.copy``, ``pickle`` and
+``torch.save(model)`` give patched models; :func:`unpatch` removes it; :func:`is_patched` says whether the model
+answers ``logps_only=True`` right now.
 """
 
 from __future__ import annotations
