@@ -156,18 +156,25 @@ def _dpo(pol, ref, beta=0.1):
 
 
 def _segment_sums(lp, slot, S):
-    """The totals exactly as ``fastpref.sequence_logprobs`` forms them (float64 accumulation, fp32 out)."""
-    return torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(0, slot, lp.double()).view(S, 2)[
-        :, 0].to(torch.float32, copy=True)
+    """The totals as ``fastpref.sequence_logprobs`` forms them (float64 accumulation over every row, fp32 out)."""
+    from fastpref.logprobs import _segment_sums as sums
+
+    return sums(lp, slot, S, torch.float32)[0]
 
 
 def fastpref_step(case: CostCase, counter: StepCounter):
-    from fastpref._autograd import FusedHead
+    """One DPO step through the fused-head op's own internals (``_autograd.forward_rows``, the backend's
+    backward, ``_frozen_backward``), called with the scored rows known: on meta tensors the op itself would run its
+    fake (shape-only) implementation and count nothing."""
+    from fastpref._autograd import _frozen_backward, forward_rows
     from fastpref.backends import triton_fused
+    from fastpref.backends._stats import RowStats
     from fastpref.kernels.config import LaunchRecorder
 
     W, H, Href, rows, labels, slot, M = _meta_inputs(case, requires_grad_head=not case.frozen)
     S, D = 2 * case.pairs, case.D
+    H2, Href2 = H.detach().reshape(-1, D), Href.reshape(-1, D)
+    N = H2.shape[0]
     options = {"logit_scale": 1.0, "softcap": case.softcap}
     recorder = LaunchRecorder()
     seen = 0
@@ -182,21 +189,32 @@ def fastpref_step(case: CostCase, counter: StepCounter):
             bucket["atomics"] += r.atomics
         seen = len(recorder.records)
 
-    with counter, recorder:
+    grads = []
+    with counter, recorder, torch.no_grad():
         counter.phase = "reference forward"
-        with torch.no_grad():
-            ref_lp, _ = triton_fused.forward(Href.reshape(-1, D), W.detach(), None, rows, labels, **options)
-            ref = _segment_sums(ref_lp, slot, S)
+        ref_lp = forward_rows(triton_fused, Href2, W.detach(), None, rows, labels, frozen=False, stats=False,
+                              **options)[0]
+        ref = _segment_sums(ref_lp, torch.empty(N, dtype=torch.long, device="meta"), S)
         flush()
         counter.phase = "policy forward"
-        lp = FusedHead.apply(H.reshape(-1, D), W, None, rows, labels, triton_fused, options)
-        loss = _dpo(_segment_sums(lp, slot, S), ref)
+        lp, row_max, row_logsum, mean_shift, *_, unit, flagged = forward_rows(
+            triton_fused, H2, W.detach(), None, rows, labels, frozen=case.frozen, stats=False, **options)
+        pol = _segment_sums(lp, torch.empty(N, dtype=torch.long, device="meta"), S)
+        _dpo(pol, ref)
         flush()
         counter.phase = "backward"
-        loss.backward()
+        grad = torch.empty(N, dtype=lp.dtype, device="meta")  # d loss / d lp: the segment sums' backward
+        if case.frozen:
+            grads.append(_frozen_backward(unit, flagged, H2, W, None, labels, None, -100, row_max, row_logsum,
+                                          mean_shift, lp, grad, None, 1.0, case.softcap, "triton", inplace=True))
+        else:
+            take = lambda x: x.index_select(0, rows)  # noqa: E731 - the active rows (all, at the default weights)
+            grads += triton_fused.backward(H2, W.detach(), None, rows, labels, RowStats(take(row_max),
+                                           take(row_logsum)), take(lp), take(grad), compute_dh=True,
+                                           compute_dw=True, compute_db=False, **options)[:2]
         flush()
-    grads = sum(t.grad.numel() * t.grad.element_size() for t in (H, W) if t.grad is not None)
-    return grads, [r.kernel for r in recorder.records]
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads if g is not None)
+    return grad_bytes, [r.kernel for r in recorder.records]
 
 
 def naive_step(case: CostCase, counter: StepCounter):

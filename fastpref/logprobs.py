@@ -13,6 +13,10 @@ when ``segment_ids`` marks a prompt, and in backward only rows whose gradient we
 Exactness: each token log-prob is ``(z_{t,y_t} - max_t) - log sum_t`` with the two statistics kept apart (never
 one rounded log-sum-exp), and the per-segment totals are accumulated in float64 and returned in fp32: a
 sequential fp32 sum of 8,192 token log-probs drifts by 0.26 nats, the float64 sum by nothing measurable.
+
+``torch.compile``: the head is the custom op ``torch.ops.fastpref.fused_head`` (``_autograd.py``) over every row
+of the batch, with static output shapes; what surrounds it here is plain tensor code, so a compiled training step
+has no graph break and no recompile across sequence lengths (``dynamic=True``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import FusedHead, no_autocast, reject_transforms
+from ._autograd import fused_head, reject_transforms
 from ._rows import row_sequences
 from ._validation import (
     FLOAT_DTYPES,
@@ -40,13 +44,39 @@ BACKENDS = ("auto", "triton", "torch")
 REDUCTIONS = ("sum", "mean")
 
 
+class TokenStatistics(NamedTuple):
+    """Statistics of the head's distribution ``p = softmax(z)`` at each scored token (or their per-segment sums).
+
+    ``entropy``: ``-sum_v p_v log p_v`` (differentiable: an entropy bonus or penalty trains through the fused
+    backward). ``log_sum_p2``: ``log sum_v p_v^2`` (WPO's weights; TRL's ``log_sum_sq_probs``). ``mean_logit``:
+    ``mean_v z_v`` (TRL's ``logits/chosen``). ``argmax_is_label``: the label is the first maximal logit (TRL's
+    ``mean_token_accuracy``, ``is_top1``); bool per token, a count per segment.
+    """
+
+    entropy: torch.Tensor
+    log_sum_p2: torch.Tensor
+    mean_logit: torch.Tensor
+    argmax_is_label: torch.Tensor
+
+
+class SequenceStats(NamedTuple):
+    """``tokens``: per-token :class:`TokenStatistics` shaped like ``labels`` (0 / False where not scored);
+    ``response`` / ``prompt``: their sums over each sequence's segment, ``[S]`` (means with ``reduction="mean"``;
+    ``argmax_is_label`` is then the segment's token accuracy)."""
+
+    tokens: TokenStatistics
+    response: TokenStatistics
+    prompt: TokenStatistics
+
+
 class SequenceLogProbs(NamedTuple):
     """Per-sequence results of :func:`sequence_logprobs`, each ``[S]`` (fp32; float64 for float64 inputs).
 
     ``response`` / ``prompt``: the segment's summed (or, with ``reduction="mean"``, averaged) token log-probs;
     an empty segment gives 0. ``n_response`` / ``n_prompt``: the segment's number of scored tokens (as
     floats, exact below 2**24). ``token_logps``: per-token log-probs shaped like ``labels`` (0 where not
-    scored), only with ``return_token_logps=True``.
+    scored), only with ``return_token_logps=True``. ``stats``: :class:`SequenceStats`, only with
+    ``return_stats=True``. Every field is its own tensor (not a view of a shared buffer).
     """
 
     response: torch.Tensor
@@ -54,6 +84,7 @@ class SequenceLogProbs(NamedTuple):
     n_response: torch.Tensor
     n_prompt: torch.Tensor
     token_logps: Optional[torch.Tensor] = None
+    stats: Optional[SequenceStats] = None
 
 
 class _Layout(NamedTuple):
@@ -75,7 +106,8 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_active())
 
 
-def _resolve_backend(backend: str, hidden: torch.Tensor):
+def _backend_name(backend: str, hidden: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for ``backend`` and ``hidden``'s device (checks that triton can run there)."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -88,12 +120,14 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
             )
         if hidden.dtype == torch.float64:
             raise TypeError("`hidden` is float64, which the triton backend does not take; use backend='torch'")
-        from .backends import triton_fused
+    return backend
 
-        return triton_fused
-    from .backends import torch_chunked
 
-    return torch_chunked
+def _resolve_backend(backend: str, hidden: torch.Tensor):
+    """The backend module for ``backend`` (see :func:`_backend_name`)."""
+    from ._autograd import backend_module
+
+    return backend_module(_backend_name(backend, hidden))
 
 
 def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, *,
@@ -144,34 +178,54 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
         sequence, num_sequences = row_sequences(hidden.shape[0], hidden.device, cu_seqlens=cu_seqlens)
 
     flat_labels = labels.reshape(-1).long()
-    valid = flat_labels != ignore_index
-    if segment_ids is None:
-        segments = torch.where(valid, RESPONSE, 0)
-    else:
-        raw = segment_ids.reshape(-1).long()
-        segments = torch.where(valid, raw, 0)
-    V = weight.shape[0]
-    checks = []
+    segments = torch.where(flat_labels != ignore_index, RESPONSE if segment_ids is None else
+                           segment_ids.reshape(-1).long(), 0)
     if validate:
-        checks.append((f"`labels` holds values outside [0, {V}) that are not ignore_index={ignore_index}",
-                       (valid & ((flat_labels < 0) | (flat_labels >= V))).any()))
-        if segment_ids is not None:
-            raw = segment_ids.reshape(-1).long()
-            checks.append(("`segment_ids` holds values outside {0, 1, 2} (0 = not scored, 1 = prompt, 2 = response)",
-                           ((raw < 0) | (raw > 2)).any()))
-        if cu_seqlens is not None:
-            cu = cu_seqlens.long()
-            checks.append((f"`cu_seqlens` must start at 0, be strictly increasing and end at N={hidden.shape[0]}",
-                           (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
-        scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
-            0, sequence, (segments > 0).long())
-        checks.append(empty_sequences_check(scored_per_seq))
-        checks += value_checks(hidden, weight, bias, logit_scale)
-    raise_failed_checks(checks)
+        data_checks(hidden, weight, bias, flat_labels, segment_ids, cu_seqlens, ignore_index, logit_scale,
+                    segments=segments, sequence=sequence, num_sequences=num_sequences)
     hidden2d = hidden.reshape(-1, D)
     if hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
     return _Layout(hidden2d, flat_labels, segments, sequence, num_sequences)
+
+
+def data_checks(hidden, weight, bias, labels, segment_ids, cu_seqlens, ignore_index: int, logit_scale: float, *,
+                row_len: int = 0, segments=None, sequence=None, num_sequences: Optional[int] = None) -> None:
+    """The checks that read values (one device synchronization): labels within ``[0, V)`` or ``ignore_index``,
+    segment ids in {0, 1, 2}, ``cu_seqlens`` ordered, no sequence without a scored token, finite inputs and
+    logits within float32's range. Raises the first failure. Runs inside the fused-head op (so compiled graphs
+    keep it) and in :func:`_layout` for the other entry points."""
+    flat_labels = labels.reshape(-1).long()
+    valid = flat_labels != ignore_index
+    if segments is None:
+        segments = torch.where(valid, RESPONSE if segment_ids is None else segment_ids.reshape(-1).long(), 0)
+    if sequence is None:
+        N = flat_labels.numel()
+        sequence, num_sequences = row_sequences(N, flat_labels.device, row_len=row_len or None,
+                                                cu_seqlens=None if row_len else cu_seqlens)
+    V = weight.shape[0]
+    checks = [(f"`labels` holds values outside [0, {V}) that are not ignore_index={ignore_index}",
+               (valid & ((flat_labels < 0) | (flat_labels >= V))).any())]
+    if segment_ids is not None:
+        raw = segment_ids.reshape(-1).long()
+        checks.append(("`segment_ids` holds values outside {0, 1, 2} (0 = not scored, 1 = prompt, 2 = response)",
+                       ((raw < 0) | (raw > 2)).any()))
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        checks.append((f"`cu_seqlens` must start at 0, be strictly increasing and end at N={hidden.shape[0]}",
+                       (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
+    scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
+        0, sequence, (segments > 0).long())
+    checks.append(empty_sequences_check(scored_per_seq))
+    checks += value_checks(hidden, weight, bias, logit_scale)
+    raise_failed_checks(checks)
+
+
+def _segment_sums(values: torch.Tensor, slot: torch.Tensor, S: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(response, prompt)`` sums ``[S]`` of per-row ``values`` (float64 accumulation), independent tensors."""
+    totals = torch.zeros(2 * S, dtype=torch.float64, device=values.device).index_add(0, slot, values.double())
+    totals = totals.view(S, 2)
+    return totals[:, 0].to(dtype, copy=True), totals[:, 1].to(dtype, copy=True)
 
 
 def sequence_logprobs(
@@ -188,6 +242,7 @@ def sequence_logprobs(
     cu_seqlens: Optional[torch.Tensor] = None,
     backend: str = "auto",
     return_token_logps: bool = False,
+    return_stats: bool = False,
     validate: bool = True,
 ) -> SequenceLogProbs:
     """Sum (or mean) of token log-probs per sequence segment, computed from hidden states and the head.
@@ -211,6 +266,9 @@ def sequence_logprobs(
         backend: ``"triton"`` (fused kernels: CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``),
             ``"torch"`` (chunked PyTorch, any device, bounded memory), ``"auto"`` (triton on CUDA, else torch).
         return_token_logps: also return per-token log-probs (differentiable), shaped like ``labels``.
+        return_stats: also return :class:`SequenceStats`: per-token entropy (differentiable), ``log sum p^2``,
+            mean logit and argmax == label, and their per-segment sums, accumulated in the same pass over the
+            vocabulary (no second pass; the forward's tiles carry a few more running sums).
         validate: run the data-dependent checks (label range, segment ids, finite values, logits within
             float32's range, ``cu_seqlens`` order, sequences with no scored token), which cost one device
             synchronization. Shape, dtype and device checks always run.
@@ -227,35 +285,39 @@ def sequence_logprobs(
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
     reject_transforms(hidden, weight, bias)
-    logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
-    softcap = require_softcap(softcap)
-    layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate,
+    if not torch.compiler.is_compiling():  # traced, the numbers are symbolic: the op checks them when it runs
+        logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
+        softcap = require_softcap(softcap)
+    layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, False,
                      logit_scale=logit_scale)
-    impl = _resolve_backend(backend, hidden)
+    name = _backend_name(backend, hidden)
     hidden2d, flat_labels, segments, sequence, S = layout
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    from ._autograd import backend_module
 
-    rows = torch.nonzero(segments > 0).squeeze(1)
-    row_labels = flat_labels.index_select(0, rows)
-    options = {"logit_scale": logit_scale, "softcap": softcap}
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden2d, weight, bias))
-    if needs_grad:
-        lp = FusedHead.apply(hidden2d, weight, bias, rows, row_labels, impl, options)
-    else:
-        with no_autocast(hidden2d.device):
-            lp, _ = impl.forward(hidden2d, weight, bias, rows, row_labels, **options)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden2d, weight, bias))
+    frozen = (needs_grad and hidden2d.requires_grad and not weight.requires_grad
+              and not (bias is not None and bias.requires_grad) and backend_module(name).frozen_supported(hidden.dtype))
+    row_len = hidden.shape[1] if hidden.dim() == 3 else 0
+    lp, _, _, _, entropy, log_sum_p2, mean_logit, argmax, _, _ = fused_head(
+        hidden2d, weight, bias, flat_labels, None if segment_ids is None else segment_ids.reshape(-1), cu_seqlens,
+        ignore_index, row_len, logit_scale, softcap, name, frozen, return_stats, validate)
 
-    slot = sequence.index_select(0, rows) * 2 + (segments.index_select(0, rows) == PROMPT).long()
-    totals = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(0, slot, lp.double()).view(S, 2)
-    counts = torch.bincount(slot, minlength=2 * S).to(torch.float64).view(S, 2)
+    scored = segments > 0
+    slot = sequence * 2 + (segments == PROMPT).long()
+    response, prompt = _segment_sums(lp, slot, S, lp.dtype)
+    n_response, n_prompt = _segment_sums(scored.to(lp.dtype), slot, S, lp.dtype)
     if reduction == "mean":
-        totals = totals / counts.clamp(min=1)
-    token_logps = None
-    if return_token_logps:
-        token_logps = torch.zeros(hidden2d.shape[0], dtype=lp.dtype, device=lp.device).index_put((rows,), lp)
-        token_logps = token_logps.view(labels.shape)
-    # independent tensors, not views of one buffer (an in-place op on a view would drop FSDP2's hooks)
-    column = lambda x, j: x[:, j].to(lp.dtype, copy=True)  # noqa: E731
-    return SequenceLogProbs(column(totals, 0), column(totals, 1), column(counts, 0), column(counts, 1), token_logps)
+        response, prompt = response / n_response.clamp(min=1), prompt / n_prompt.clamp(min=1)
+    token_logps = lp.view(labels.shape) if return_token_logps else None
+    stats = None
+    if return_stats:
+        tokens = TokenStatistics(entropy, log_sum_p2, mean_logit, argmax)
+        per_segment = [_segment_sums(x.to(lp.dtype), slot, S, lp.dtype) for x in tokens]
+        if reduction == "mean":
+            per_segment = [(r / n_response.clamp(min=1), p / n_prompt.clamp(min=1)) for r, p in per_segment]
+        stats = SequenceStats(TokenStatistics(*(x.view(labels.shape) for x in tokens)),
+                              TokenStatistics(*(r for r, _ in per_segment)),
+                              TokenStatistics(*(p for _, p in per_segment)))
+    return SequenceLogProbs(response, prompt, n_response, n_prompt, token_logps, stats)

@@ -58,8 +58,9 @@ def test_token_statistics_match_float64(backend, frozen, softcap):
 def test_argmax_ties_take_the_first_index(backend):
     """As ``torch.argmax``: a label tied with an earlier column is not the argmax; tied with a later one, it is."""
     D, V = 16, 40
-    weight = torch.randn(V, D)
-    weight[7] = weight[21]  # columns 7 and 21 give identical logits
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randint(-3, 4, (V, D), generator=g).float()  # small integers: every logit is exact, whatever
+    weight[7] = weight[21]  # the order of the sums, so columns 7 and 21 tie exactly
     hidden = (weight[21] * 4).repeat(2, 1)  # ... and they are each row's maximum
     rows, labels = torch.arange(2), torch.tensor([21, 7])
     _, _, tokens = backend.forward(hidden, weight, None, rows, labels, stats=True)
@@ -98,3 +99,45 @@ def test_entropy_gradient_joins_the_log_prob_gradient(backend, dtype):
     bound = 1e-5 if dtype == torch.float32 else 1e-2
     for x, r in ((dh, h64.grad), (dw, w64.grad), (db, b64.grad)):
         assert float((x.double() - r).norm() / r.norm()) < bound
+
+
+# -- the public API -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_sequence_logprobs_return_stats(backend, frozen, reduction):
+    import fastpref
+    from fastpref.reference import sequence_logprobs_reference
+    from helpers import leaf, make_batch
+
+    h, w, y, seg, b = make_batch(seed=7, bias=True)
+    hl, wl = leaf(h), leaf(w, not frozen)
+    out = fastpref.sequence_logprobs(hl, wl, y, seg, bias=b, softcap=4.0, backend=backend, return_stats=True,
+                                     reduction=reduction)
+    st = out.stats
+    up, ue = torch.randn(3), torch.randn(3)
+    ((out.response * up).sum() + (st.response.entropy * ue).sum()).backward()
+
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    z = head_logits(h64, w64, b.double(), softcap=4.0)
+    logp = torch.log_softmax(z, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    ref = sequence_logprobs_reference(h64, w64, y, seg, bias=b.double(), softcap=4.0, reduction=reduction)
+    mask = (seg == 2) & (y != -100)
+    n = mask.sum(-1).clamp(min=1).double()
+    ent_resp = (entropy * mask).sum(-1) / (n if reduction == "mean" else 1)
+    ((ref["response"] * up.double()).sum() + (ent_resp * ue.double()).sum()).backward()
+
+    torch.testing.assert_close(st.response.entropy.double(), ent_resp.detach(), rtol=1e-5, atol=1e-6)
+    scored = (seg > 0) & (y != -100)
+    torch.testing.assert_close(st.tokens.entropy.double(), (entropy * scored).detach(), rtol=1e-5, atol=1e-6)
+    top1 = (z.argmax(-1) == y) & scored
+    assert torch.equal(st.tokens.argmax_is_label, top1)
+    correct = (top1 & (seg == 2)).sum(-1).double() / (n if reduction == "mean" else 1)
+    torch.testing.assert_close(st.response.argmax_is_label.double(), correct)
+    torch.testing.assert_close(st.tokens.mean_logit.double(), (z.mean(-1) * scored).detach(), rtol=1e-5, atol=1e-5)
+    lsp2 = torch.logsumexp(2 * logp, -1) * scored
+    torch.testing.assert_close(st.tokens.log_sum_p2.double(), lsp2.detach(), rtol=1e-5, atol=1e-5)
+    for x, r in ((hl, h64), (wl, w64)):
+        if x.grad is not None or not frozen:
+            assert float((x.grad.double() - r.grad).norm() / r.grad.norm()) < 1e-5

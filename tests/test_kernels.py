@@ -197,7 +197,7 @@ class _Spy:
 @pytest.fixture
 def spy(monkeypatch):
     s = _Spy(torch_chunked)
-    monkeypatch.setattr("fastpref.logprobs._resolve_backend", lambda backend, hidden: s)
+    monkeypatch.setattr("fastpref._autograd.backend_module", lambda name: s)
     return s
 
 

@@ -4,6 +4,10 @@ Every public loss validates before it computes and raises ``TypeError`` (wrong k
 ``ValueError`` (wrong shape, length, range, non-finite value) with a message that starts with the function's name
 and names the offending argument.  The checks read tensor values (finiteness, label sets, signs), which costs one
 host sync per call on an accelerator: this layer is the reference and the fallback, the kernels skip it.
+
+Under ``torch.compile`` a value check cannot branch in Python (it would break the graph): it becomes the custom op
+``torch.ops.fastpref.require(x, failed, message)``, which raises the same ``ValueError`` when the compiled step
+runs and otherwise passes ``x`` on (a copy of a per-sequence vector: free), so the check stays in the graph.
 """
 
 from __future__ import annotations
@@ -14,6 +18,23 @@ import numbers
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("fastpref::require", mutates_args=())
+def require(x: torch.Tensor, failed: torch.Tensor, message: str) -> torch.Tensor:
+    """``x`` (a copy) when ``failed`` is False, else ``ValueError(message)``: a value check inside a compiled graph."""
+    if bool(failed):
+        raise ValueError(message)
+    return x.clone()
+
+
+@require.register_fake
+def _require_fake(x, failed, message):
+    return torch.empty_like(x)
+
+
+torch.library.register_autograd("fastpref::require", lambda ctx, grad: (grad, None, None),
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 class Checker:
@@ -34,6 +55,16 @@ class Checker:
 
     def type_error(self, msg: str) -> TypeError:
         return TypeError(f"{self.fn}: {msg}")
+
+    def fail_if(self, x: torch.Tensor, failed: torch.Tensor, msg, compiled_msg: str | None = None) -> torch.Tensor:
+        """``x`` unless the 0-d bool ``failed`` holds, then ``ValueError`` (``msg``: a string, or a callable built
+        only on failure). Under ``torch.compile``: the :func:`require` op with ``compiled_msg`` (default ``msg``)."""
+        if torch.compiler.is_compiling():
+            text = compiled_msg if compiled_msg is not None else msg
+            return torch.ops.fastpref.require(x, failed, f"{self.fn}: {text}")
+        if bool(failed):
+            raise self.value_error(msg() if callable(msg) else msg)
+        return x
 
     # -- tensors ----------------------------------------------------------------------------------------------
     def _tensor(self, name: str, x, n: int | None) -> torch.Tensor:
@@ -56,8 +87,7 @@ class Checker:
         x = self._tensor(name, x, n)
         if not x.is_floating_point():
             raise self.type_error(f"`{name}` must have a floating dtype, got {x.dtype}")
-        if not bool(torch.isfinite(x).all()):
-            raise self.value_error(f"`{name}` holds non-finite values (nan or inf)")
+        x = self.fail_if(x, ~torch.isfinite(x).all(), f"`{name}` holds non-finite values (nan or inf)")
         if x.dtype == torch.float64:
             self.dtype = torch.float64
         return x
@@ -67,11 +97,9 @@ class Checker:
         x = self._tensor(name, x, n)
         if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or _is_integer(x)):
             raise self.type_error(f"`{name}` must be an integer or floating tensor of token counts, got {x.dtype}")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise self.value_error(f"`{name}` holds non-finite values (nan or inf)")
-        if not bool((x > 0).all()):
-            raise self.value_error(f"`{name}` must be positive (a scored response has at least one token)")
-        return x
+        if x.is_floating_point():
+            x = self.fail_if(x, ~torch.isfinite(x).all(), f"`{name}` holds non-finite values (nan or inf)")
+        return self.fail_if(x, ~(x > 0).all(), f"`{name}` must be positive (a scored response has at least one token)")
 
     def labels(self, name: str, x, n: int) -> torch.Tensor:
         """Binary labels in {0, 1} (bool, integer or floating tensor); returned as bool."""
@@ -79,8 +107,7 @@ class Checker:
         if x.is_complex():
             raise self.type_error(f"`{name}` must be a bool, integer or floating tensor, got {x.dtype}")
         if x.dtype != torch.bool:
-            if not bool(((x == 0) | (x == 1)).all()):
-                raise self.value_error(f"`{name}` must hold only 0 and 1 (1 = desirable)")
+            x = self.fail_if(x, ~((x == 0) | (x == 1)).all(), f"`{name}` must hold only 0 and 1 (1 = desirable)")
             x = x == 1
         return x
 
@@ -100,8 +127,7 @@ class Checker:
             raise self.value_error(f"`{name}` must hold a single value, got shape {tuple(x.shape)}")
         if self.device is not None and x.device != self.device:
             raise self.value_error(f"`{name}` is on {x.device}, the other inputs on {self.device}")
-        if not bool(torch.isfinite(x).all()):
-            raise self.value_error(f"`{name}` is not finite")
+        x = self.fail_if(x, ~torch.isfinite(x).all(), f"`{name}` is not finite")
         if x.dtype == torch.float64:
             self.dtype = torch.float64
         return x.reshape(())
@@ -121,6 +147,8 @@ class Checker:
         lt: float | None = None,
         le: float | None = None,
     ) -> float:
+        if torch.compiler.is_compiling():  # traced, a Python float may be symbolic: no Python branch on it
+            return v
         if isinstance(v, bool) or not isinstance(v, numbers.Real):
             raise self.type_error(f"`{name}` must be a real number, got {type(v).__name__}")
         v = float(v)
@@ -143,10 +171,11 @@ class Checker:
             raise self.value_error(f"unknown {name} {v!r}; expected one of {list(options)}")
         return v
 
-    def nonpositive(self, name: str, x: torch.Tensor, why: str) -> None:
-        """Log-probs are <= 0 (0 is a valid, confident prediction; :func:`safe_log1mexp` handles it)."""
-        if not bool((x <= 0).all()):
-            raise self.value_error(f"`{name}` must be <= 0 ({why}); got max {float(x.max())}")
+    def nonpositive(self, name: str, x: torch.Tensor, why: str) -> torch.Tensor:
+        """Log-probs are <= 0 (0 is a valid, confident prediction; :func:`safe_log1mexp` handles it); returns
+        ``x`` (use the result: under ``torch.compile`` the check lives in it)."""
+        return self.fail_if(x, ~(x <= 0).all(), lambda: f"`{name}` must be <= 0 ({why}); got max {float(x.max())}",
+                            f"`{name}` must be <= 0 ({why})")
 
 
 def _is_integer(x: torch.Tensor) -> bool:

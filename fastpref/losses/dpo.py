@@ -170,8 +170,8 @@ def dpo_loss(
         if {"aot", "aot_unpaired"} & set(types):
             raise ck.value_error("`wpo_weights` cannot be used with 'aot'/'aot_unpaired' (they sort the pairs)")
         wpo = ck.floats("wpo_weights", wpo_weights, n)
-        if not bool((wpo >= 0).all()):
-            raise ck.value_error(f"`wpo_weights` must be >= 0 (per-pair weights), got min {float(wpo.min())}")
+        wpo = ck.fail_if(wpo, ~(wpo >= 0).all(), lambda: f"`wpo_weights` must be >= 0 (per-pair weights), got min "
+                         f"{float(wpo.min())}", "`wpo_weights` must be >= 0 (per-pair weights)")
 
     cw, cl, rw, rl = (ck.cast(x) for x in (cw, cl, rw, rl))
     dtype = ck.dtype

@@ -62,7 +62,7 @@ def drdo_loss(
     ol = ck.floats("oracle_rejected", oracle_rejected, n)
     alpha = ck.number("alpha", alpha, ge=0.0)
     gamma = ck.number("gamma", gamma, ge=0.0)
-    ck.nonpositive("rejected_logps", cl, "a log-prob; the focal term reads log(1 - pi(y_l))")
+    cl = ck.nonpositive("rejected_logps", cl, "a log-prob; the focal term reads log(1 - pi(y_l))")
     cw, cl, hw, hl = (ck.cast(x) for x in (cw, cl, hw, hl))
     ow, ol = ck.cast(ow).detach(), ck.cast(ol).detach()  # oracle rewards are data
 

@@ -6,7 +6,9 @@ Each functional loss takes ``backend="auto" | "triton" | "torch"`` and, after it
 with one kernel launch that writes the per-item loss terms **and** the closed-form gradients ``dL/dlogp`` (and
 ``dL/d`` every other differentiable input), already scaled by the reduction; the loss is ``terms.sum()`` (one
 ``torch.sum`` over the ``[P]`` or ``[G]`` terms: deterministic, no atomics) and the backward is
-``grad_out * saved gradient`` (no second launch; not twice differentiable).  Otherwise the helper returns None and
+``grad_out * saved gradient`` (no second launch; not twice differentiable). The launches are the custom ops
+``torch.ops.fastpref.pairwise_loss`` and ``pro_scalar_loss`` (fake implementations, registered autograd), so a
+compiled training step traces through them.  Otherwise the helper returns None and
 the loss runs its PyTorch expression, which stays the reference (tests compare the two) and the fallback.
 
 Computed in fp32.  Fused (backend 'triton', or 'auto' on CUDA):
@@ -32,6 +34,8 @@ as ``-dL/dlogp``; rewards of e-DPO, PRO-S and DRO; AuxDPO's delta; DRDO's studen
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -93,30 +97,52 @@ def _grads_supported(grads: dict, named: dict, extra=()) -> bool:
     return not any(t is not None and t.requires_grad for t in extra)
 
 
-class _PairwiseLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, loss, launch_kwargs, c, l, rc, rl, x1, x2, x3, x4):
-        from fastpref.kernels import loss_pairwise
+@torch.library.custom_op("fastpref::pairwise_loss", mutates_args=())
+def pairwise_loss_op(
+    loss: str, c: torch.Tensor, l: Optional[torch.Tensor], rc: Optional[torch.Tensor], rl: Optional[torch.Tensor],
+    x1: Optional[torch.Tensor], x2: Optional[torch.Tensor], x3: Optional[torch.Tensor], x4: Optional[torch.Tensor],
+    n_w: Optional[torch.Tensor], n_l: Optional[torch.Tensor], weight: Optional[torch.Tensor], beta: float,
+    scale: float, exact: bool, constants: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of ``kernels/loss_pairwise``: ``(loss, per-item gradients [NOUT - 1, P])`` (fp32)."""
+    from fastpref.kernels import loss_pairwise
 
-        out = loss_pairwise.pairwise_loss(loss, c, l, rc, rl, x=(x1, x2, x3, x4), **launch_kwargs)
-        ctx.save_for_backward(out)
-        ctx.loss = loss
-        return out[0].sum()
+    out = loss_pairwise.pairwise_loss(loss, c, l, rc, rl, x=(x1, x2, x3, x4), n_w=n_w, n_l=n_l, weight=weight,
+                                      beta=beta, scale=scale, exact=exact, constants=tuple(constants))
+    return out[0].sum(), out[1:].clone()
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (out,) = ctx.saved_tensors
-        grads = _GRADS[ctx.loss]
-        result = [None, None]
-        for i, name in enumerate(_INPUTS):
-            spec = grads.get(name)
-            if not ctx.needs_input_grad[2 + i] or spec is None or spec == "detached":
-                result.append(None)
-            else:
-                row, sign = spec
-                result.append(out[row] * (grad_out * sign))
-        return tuple(result)
+
+@pairwise_loss_op.register_fake
+def _pairwise_loss_fake(loss, c, l, rc, rl, x1, x2, x3, x4, n_w, n_l, weight, beta, scale, exact, constants):
+    from fastpref.kernels.loss_pairwise import NUM_OUTPUTS
+
+    return c.new_empty((), dtype=torch.float32), c.new_empty((NUM_OUTPUTS[loss] - 1, c.numel()), dtype=torch.float32)
+
+
+def _pairwise_setup(ctx, inputs, output):
+    ctx.loss = inputs[0]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], *inputs[1:9])
+
+
+def _pairwise_backward(ctx, grad_out, _):
+    from fastpref._autograd import _not_twice_differentiable
+
+    grads_out, *anchors = ctx.saved_tensors
+    spec = _GRADS[ctx.loss]
+    result = []
+    for i, name in enumerate(_INPUTS):
+        s = spec.get(name)
+        if not ctx.needs_input_grad[1 + i] or s is None or s == "detached":
+            result.append(None)
+        else:
+            row, sign = s
+            result.append(grads_out[row - 1] * (grad_out * sign))
+    result = _not_twice_differentiable(tuple(result), (grad_out, *anchors))
+    return (None, *result) + (None,) * 7
+
+
+torch.library.register_autograd("fastpref::pairwise_loss", _pairwise_backward, setup_context=_pairwise_setup)
 
 
 def _pairwise(loss, *, c, l=None, rc=None, rl=None, x=(), n_w=None, n_l=None, weight=None, beta=1.0,
@@ -128,9 +154,10 @@ def _pairwise(loss, *, c, l=None, rc=None, rl=None, x=(), n_w=None, n_l=None, we
     named = dict(zip(_INPUTS, (c, l, rc, rl, *x)))
     if not _grads_supported(_GRADS[loss], named, extra=(n_w, n_l, weight)):
         return None
-    kwargs = dict(n_w=n_w, n_l=n_l, weight=weight, beta=beta, scale=scale, exact=exact,
-                  constants=loss_pairwise.host_constants(loss, beta=beta, **consts))
-    return _PairwiseLoss.apply(loss, kwargs, c, l, rc, rl, *x)
+    constants = [float(k) for k in loss_pairwise.host_constants(loss, beta=beta, **consts)]
+    detach = lambda t: None if t is None else t.detach()  # noqa: E731 - no gradient for them (checked above)
+    return pairwise_loss_op(loss, c, l, rc, rl, *x, detach(n_w), detach(n_l), detach(weight), float(beta),
+                            float(scale), bool(exact), constants)[0]
 
 
 # ------------------------------------------------------------------------------------------- per-method helpers
@@ -189,22 +216,39 @@ def dro(groups, lp, ref, plp, rplp, R, *, beta, log_z0):
     return _pairwise("dro", c=lp, rc=ref, x=(R, plp, rplp), weight=weight, beta=beta, log_z0=log_z0)
 
 
-class _ProScalarLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, launch, lp, ref, R):
-        from fastpref.kernels import loss_grouped
+@torch.library.custom_op("fastpref::pro_scalar_loss", mutates_args=())
+def pro_scalar_op(lp: torch.Tensor, ref: torch.Tensor, R: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                  counts: torch.Tensor, kmax: int, beta: float, alpha: torch.Tensor, eta: torch.Tensor, tau: float,
+                  exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of ``kernels/loss_grouped``: ``(loss, [dL/dlp, dL/dR] [2, N])`` (fp32)."""
+    from fastpref.kernels import loss_grouped
 
-        terms, grads = loss_grouped.pro_scalar_loss(lp, ref, R, **launch)
-        ctx.save_for_backward(grads)
-        return terms.sum()
+    terms, grads = loss_grouped.pro_scalar_loss(lp, ref, R, rows, starts, counts, kmax, beta=beta, alpha=alpha,
+                                                eta=eta, tau=tau, exact=exact)
+    return terms.sum(), grads
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        (grads,) = ctx.saved_tensors
-        g_lp = grads[0] * grad_out if ctx.needs_input_grad[1] else None
-        g_R = grads[1] * grad_out if ctx.needs_input_grad[3] else None
-        return None, g_lp, None, g_R
+
+@pro_scalar_op.register_fake
+def _pro_scalar_fake(lp, ref, R, rows, starts, counts, kmax, beta, alpha, eta, tau, exact):
+    return lp.new_empty((), dtype=torch.float32), lp.new_empty((2, lp.numel()), dtype=torch.float32)
+
+
+def _pro_scalar_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1], inputs[0], inputs[2])
+
+
+def _pro_scalar_backward(ctx, grad_out, _):
+    from fastpref._autograd import _not_twice_differentiable
+
+    grads, lp, R = ctx.saved_tensors
+    g_lp = grads[0] * grad_out if ctx.needs_input_grad[0] else None
+    g_R = grads[1] * grad_out if ctx.needs_input_grad[2] else None
+    g_lp, g_R = _not_twice_differentiable((g_lp, g_R), (grad_out, lp, R))
+    return (g_lp, None, g_R) + (None,) * 9
+
+
+torch.library.register_autograd("fastpref::pro_scalar_loss", _pro_scalar_backward, setup_context=_pro_scalar_setup)
 
 
 def pro_scalar(groups, lp, ref, R, *, beta, alpha, eta, tau, exact):
@@ -217,9 +261,8 @@ def pro_scalar(groups, lp, ref, R, *, beta, alpha, eta, tau, exact):
     rows = torch.argsort(groups.inv, stable=True).to(torch.int32)
     counts = groups.counts.to(torch.int32)
     starts = (torch.cumsum(groups.counts, 0) - groups.counts).to(torch.int32)
-    launch = dict(rows=rows, starts=starts, counts=counts, kmax=groups.kmax, beta=beta, alpha=alpha.to(lp.device),
-                  eta=eta.to(lp.device), tau=tau, exact=exact)
-    return _ProScalarLoss.apply(launch, lp, ref, R)
+    return pro_scalar_op(lp, ref.detach(), R, rows, starts, counts, int(groups.kmax), float(beta),
+                         alpha.to(lp.device).detach(), eta.to(lp.device).detach(), float(tau), bool(exact))[0]
 
 
 __all__ = ["BACKENDS", "use_fused"]

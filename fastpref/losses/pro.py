@@ -174,8 +174,8 @@ def pro_loss(
         dw = ck.number("desirable_weight", desirable_weight, ge=0.0)
         uw = ck.number("undesirable_weight", undesirable_weight, ge=0.0)
         if exact:
-            ck.nonpositive("logps", lp, "a log-prob; the hyper response is log(1 - pi)")
-            ck.nonpositive("ref_logps", ref, "a log-prob; the hyper response is log(1 - pi)")
+            lp = ck.nonpositive("logps", lp, "a log-prob; the hyper response is log(1 - pi)")
+            ref = ck.nonpositive("ref_logps", ref, "a log-prob; the hyper response is log(1 - pi)")
         lp, ref = ck.cast(lp), ck.cast(ref)
         fused_loss = None
         if fused.use_fused(backend, lp, ref, fn="pro_loss"):
