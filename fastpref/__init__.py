@@ -5,13 +5,13 @@ heads in :mod:`fastpref.losses`. See ``README.md``.
 """
 
 from . import losses
-from .heads import AuxDPOLoss, DPOLoss, DRDOLoss, DROLoss, PROLoss, SimPOLoss, TYPOLoss
+from .heads import AuxDPOLoss, CPOLoss, DPOLoss, DRDOLoss, DROLoss, ORPOLoss, PROLoss, SimPOLoss, TYPOLoss
 from ._validation import NonFiniteError
 from .logprobs import SequenceLogProbs, sequence_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
-    "AuxDPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "NonFiniteError", "PROLoss", "SequenceLogProbs", "SimPOLoss",
-    "TYPOLoss",
+    "AuxDPOLoss", "CPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "NonFiniteError", "ORPOLoss", "PROLoss",
+    "SequenceLogProbs", "SimPOLoss", "TYPOLoss",
     "losses", "sequence_logprobs", "__version__",
 ]

@@ -7,7 +7,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastpref.logprobs import SequenceLogProbs
+from fastpref.losses._checks import Checker
 from fastpref.losses.dpo import dpo_loss, simpo_loss
+from fastpref.losses.nll import nll_loss
 
 from .base import FusedHeadLoss, split_pairs
 
@@ -23,14 +25,19 @@ class DPOLoss(FusedHeadLoss):
     Batch layout is TRL's: the first half of the sequences are chosen, the second half rejected.
     ``loss_kwargs`` (``discopop_tau``, ``f_divergence_type``, ``loss_weights`` ...) go to ``dpo_loss``. Every
     setting is checked at construction (the functional loss runs once on a tiny batch).
-    Defaults: ``beta = 0.1``, ``loss_type = "sigmoid"`` (TRL's ``DPOConfig``).
+    ``nll_weight`` adds ``nll_weight * NLL`` of the chosen responses (token mean over the batch,
+    :func:`fastpref.losses.functional.nll_loss`): RPO's term, Liger's ``compute_nll_loss=True, alpha=...``, TRL's
+    ``loss_type=["sigmoid", "sft"], loss_weights=[1, nll_weight]``; its value is the metric ``nll_loss``.
+    Defaults: ``beta = 0.1``, ``loss_type = "sigmoid"`` (TRL's ``DPOConfig``), ``nll_weight = 0``.
     """
 
     def __init__(self, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
-                 label_smoothing: float = 0.0, *, loss_kwargs: Optional[dict] = None, **head_kwargs):
+                 label_smoothing: float = 0.0, *, nll_weight: float = 0.0, loss_kwargs: Optional[dict] = None,
+                 **head_kwargs):
         super().__init__(**head_kwargs)
         if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
             raise TypeError(f"DPOLoss: `loss_kwargs` must be a dict, got {type(loss_kwargs).__name__}")
+        self.nll_weight = _nll_weight("DPOLoss", nll_weight)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.loss_kwargs = dict(loss_kwargs or {})
         settings = {k: v for k, v in self.loss_kwargs.items() if not isinstance(v, torch.Tensor)}  # per-batch tensors
@@ -52,9 +59,10 @@ class DPOLoss(FusedHeadLoss):
         cw, cl = split_pairs(pol.response, "hidden")
         rw, rl = split_pairs(ref.response, "ref_logps")
         nw, nl = split_pairs(pol.n_response)
-        return dpo_loss(cw, cl, rw, rl, beta=self.beta, loss_type=self.loss_type,
-                        label_smoothing=self.label_smoothing, chosen_lengths=nw, rejected_lengths=nl,
-                        backend=self.backend, **self.loss_kwargs)
+        loss, metrics = dpo_loss(cw, cl, rw, rl, beta=self.beta, loss_type=self.loss_type,
+                                 label_smoothing=self.label_smoothing, chosen_lengths=nw, rejected_lengths=nl,
+                                 backend=self.backend, **self.loss_kwargs)
+        return _with_nll(loss, metrics, self.nll_weight, cw, nw)
 
 
 class SimPOLoss(FusedHeadLoss):
@@ -62,10 +70,14 @@ class SimPOLoss(FusedHeadLoss):
 
     ``loss = mean( -(1-ls) log sigma(z) - ls log sigma(-z) )``, ``z = beta (logp_w / n_w - logp_l / n_l) - gamma``
     (:func:`fastpref.losses.functional.simpo_loss`; ``gamma`` is the absolute margin, TRL's ``simpo_gamma``).
+    ``nll_weight`` adds ``nll_weight * NLL`` of the chosen responses (CPO-SimPO's term; Liger's
+    ``compute_nll_loss``/``alpha``), default 0 (SimPO).
     """
 
-    def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, **head_kwargs):
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, *,
+                 nll_weight: float = 0.0, **head_kwargs):
         super().__init__(**head_kwargs)
+        self.nll_weight = _nll_weight("SimPOLoss", nll_weight)
         self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
         one = torch.tensor([-3.0, -4.0], dtype=torch.float64)
         self._check_settings(lambda: simpo_loss(one, one - 1, one.new_ones(2), one.new_ones(2), beta=beta, gamma=gamma,
@@ -75,5 +87,18 @@ class SimPOLoss(FusedHeadLoss):
         pol = self.logps(hidden, weight, labels, segment_ids, bias=bias, cu_seqlens=cu_seqlens)
         cw, cl = split_pairs(pol.response, "hidden")
         nw, nl = split_pairs(pol.n_response)
-        return simpo_loss(cw, cl, nw, nl, beta=self.beta, gamma=self.gamma, label_smoothing=self.label_smoothing,
-                          backend=self.backend)
+        loss, metrics = simpo_loss(cw, cl, nw, nl, beta=self.beta, gamma=self.gamma,
+                                   label_smoothing=self.label_smoothing, backend=self.backend)
+        return _with_nll(loss, metrics, self.nll_weight, cw, nw)
+
+
+def _nll_weight(owner: str, value) -> float:
+    return Checker(owner).number("nll_weight", value, ge=0.0)
+
+
+def _with_nll(loss, metrics, nll_weight: float, chosen_logps, chosen_lengths):
+    """``loss + nll_weight * NLL`` (and the metric ``nll_loss``) when ``nll_weight > 0``."""
+    if nll_weight == 0.0:
+        return loss, metrics
+    nll, nll_metrics = nll_loss(chosen_logps, chosen_lengths)
+    return loss + nll_weight * nll.to(loss.dtype), {**metrics, **nll_metrics}

@@ -13,6 +13,9 @@ function               method                                               sour
 ``simpo_loss``         SimPO                                                TRL ``CPOTrainer`` (``simpo``)
 ``distill_loss``       e-DPO / reward distillation                          Fisch et al. 2024
 ``kto_loss``           KTO (binary feedback)                                TRL 1.16 ``trl/trainer/kto_trainer.py``
+``cpo_loss``           CPO (+ CPO-SimPO, hinge, IPO, AlphaPO)               TRL 1.16 ``trl/experimental/cpo``
+``orpo_loss``          ORPO                                                 TRL 1.16 ``trl/experimental/orpo``
+``nll_loss``           the NLL term of CPO / ORPO / RPO / Liger's losses    TRL (CPO, ORPO, DPO ``sft``), Liger
 ``nca_loss``           NCA / InfoNCA (scalar rewards, or pairs)             Chen et al. 2024
 ``pro_loss``           PRO-P / PRO-B / PRO-S                                seed 000 (section 2)
 ``dro_loss``           DRO                                                  seed 001 (section 3)
@@ -25,15 +28,19 @@ function               method                                               sour
 
 from ._ops import log1mexp, pro_f, safe_log1mexp
 from .auxdpo import auxdpo_loss
+from .cpo import CPO_LOSS_TYPES, cpo_loss
 from .dpo import DPO_LOSS_TYPES, F_DIVERGENCE_TYPES, distill_loss, dpo_loss, simpo_loss
 from .drdo import drdo_loss, drdo_oracle_loss
 from .dro import dro_loss
 from .kto import KTO_LOSS_TYPES, kto_loss
 from .nca import NCA_LOSS_TYPES, nca_loss
+from .nll import nll_loss
+from .orpo import orpo_loss
 from .pro import PRO_FEEDBACK, PRO_HYPER_RESPONSE, pro_loss
 from .typo import typo_loss
 
 __all__ = [
+    "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCE_TYPES",
     "KTO_LOSS_TYPES",
@@ -41,6 +48,7 @@ __all__ = [
     "PRO_FEEDBACK",
     "PRO_HYPER_RESPONSE",
     "auxdpo_loss",
+    "cpo_loss",
     "distill_loss",
     "dpo_loss",
     "drdo_loss",
@@ -49,6 +57,8 @@ __all__ = [
     "kto_loss",
     "log1mexp",
     "nca_loss",
+    "nll_loss",
+    "orpo_loss",
     "pro_f",
     "pro_loss",
     "safe_log1mexp",
