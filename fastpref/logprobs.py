@@ -23,6 +23,7 @@ import torch
 
 from ._autograd import FusedHead, no_autocast, reject_transforms
 from ._rows import row_sequences
+from .distributed import plan as _distributed
 from ._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -93,7 +94,7 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
     return torch_chunked
 
 
-def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate) -> _Layout:
+def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, spread=None) -> _Layout:
     require_tensor("hidden", hidden, dims=(2, 3), dtypes=FLOAT_DTYPES)
     require_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
     require_tensor("labels", labels, dtypes=INT_DTYPES)
@@ -145,7 +146,7 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
     else:
         raw = segment_ids.reshape(-1).long()
         segments = torch.where(valid, raw, 0)
-    V = weight.shape[0]
+    V = weight.shape[0] if spread is None else spread.label_bound  # a vocabulary shard: the whole head's V
     checks = []
     if validate:
         checks.append((f"`labels` holds values outside [0, {V}) that are not ignore_index={ignore_index}",
@@ -160,8 +161,9 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
                            (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
         scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
             0, sequence, (segments > 0).long())
-        checks.append(("a sequence has no scored token (every label is ignore_index or its segment id is 0); "
-                       "drop it from the batch", (scored_per_seq == 0).any()))
+        if spread is None or spread.context_group is None:  # context parallel: checked on the group's counts
+            checks.append(("a sequence has no scored token (every label is ignore_index or its segment id is 0); "
+                           "drop it from the batch", (scored_per_seq == 0).any()))
         checks.append(("`hidden` holds non-finite values", ~torch.isfinite(hidden).all()))
         checks.append(("`weight` holds non-finite values", ~torch.isfinite(weight).all()))
         if bias is not None:
@@ -188,6 +190,9 @@ def sequence_logprobs(
     backend: str = "auto",
     return_token_logps: bool = False,
     validate: bool = True,
+    vocab_parallel_group=None,
+    vocab_range: Optional[tuple[int, int]] = None,
+    context_parallel_group=None,
 ) -> SequenceLogProbs:
     """Sum (or mean) of token log-probs per sequence segment, computed from hidden states and the head.
 
@@ -211,6 +216,13 @@ def sequence_logprobs(
         validate: run the data-dependent checks (label range, segment ids, finite values, ``cu_seqlens``
             order, sequences with no scored token), which cost one device synchronization. Shape, dtype
             and device checks always run.
+        vocab_parallel_group, vocab_range: a head sharded by vocabulary rows across a process group: ``weight``
+            (and ``bias``) is this rank's plain shard, rows ``[start, stop)`` of the whole head
+            (``vocab_range=(start, stop)``); ``hidden``/``labels``/``segment_ids`` are the same on every rank of
+            the group and every rank gets the whole head's log-probs. A ``weight`` that is a ``Shard(0)``
+            DTensor (``ColwiseParallel`` on ``lm_head``) needs neither. See :mod:`fastpref.distributed`.
+        context_parallel_group: each rank holds a slice along time of the same sequences (and the whole head):
+            per-sequence totals and counts are summed across the group, the head's gradient too.
 
     Returns:
         :class:`SequenceLogProbs`. Gradients flow to ``hidden``, ``weight`` and ``bias`` from ``response``,
@@ -221,11 +233,19 @@ def sequence_logprobs(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    # --- distributed head (fastpref.distributed): local shards and groups; None for a plain call ----------------
+    spread = None
+    if _distributed.requested(hidden, weight, bias, vocab_parallel_group, vocab_range, context_parallel_group):
+        spread = _distributed.resolve(hidden, weight, bias, vocab_parallel_group=vocab_parallel_group,
+                                      vocab_range=vocab_range, context_parallel_group=context_parallel_group)
+        hidden, weight, bias = spread.hidden, spread.weight, spread.bias
+    # -------------------------------------------------------------------------------------------------------------
     reject_transforms(hidden, weight, bias)
     logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
     if softcap is not None:
         softcap = require_finite_number("softcap", softcap, positive=True)
-    layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate)
+    layout_args = (hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, spread)
+    layout = _layout(*layout_args) if spread is None else spread.checked_layout(_layout, validate, *layout_args)
     impl = _resolve_backend(backend, hidden)
     hidden2d, flat_labels, segments, sequence, S = layout
     if weight.stride(-1) != 1:
@@ -236,7 +256,9 @@ def sequence_logprobs(
     options = {"logit_scale": logit_scale, "softcap": softcap}
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden2d, weight, bias))
-    if needs_grad:
+    if spread is not None:
+        lp = spread.token_logprobs(hidden2d, weight, bias, rows, row_labels, impl, options)
+    elif needs_grad:
         lp = FusedHead.apply(hidden2d, weight, bias, rows, row_labels, impl, options)
     else:
         with no_autocast(hidden2d.device):
@@ -245,6 +267,8 @@ def sequence_logprobs(
     slot = sequence.index_select(0, rows) * 2 + (segments.index_select(0, rows) == PROMPT).long()
     totals = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(0, slot, lp.double()).view(S, 2)
     counts = torch.bincount(slot, minlength=2 * S).to(torch.float64).view(S, 2)
+    if spread is not None:  # context parallel: summed across the group
+        totals, counts = spread.sequence_totals(totals, counts, validate)
     if reduction == "mean":
         totals = totals / counts.clamp(min=1)
     token_logps = None
