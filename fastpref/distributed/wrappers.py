@@ -1,18 +1,19 @@
 """The fused head inside data-parallel and sharded wrappers: DDP, FSDP1, FSDP2 (``fully_shard``), DeepSpeed ZeRO-3.
 
 The fused head is never called as a module: it reads the head's weight. Under sharding that read only sees the
-whole weight inside the forward of the head's sharding unit. Three cases, decided at call time from the weight the
-call actually sees (the same on every rank, so every rank takes the same path):
+whole weight inside the forward of the head's sharding unit. Three cases, decided at each call from the head module and
+its weight (the same on every rank, so every rank takes the same path):
 
-- **whole** (no wrapper, DDP, ZeRO-1/2, FSDP1/FSDP2 with the head in the unit whose forward is running, ZeRO-3 with
-  the weight already gathered): read it. The gradient reaches the parameter and the wrapper reduces it as usual.
-- **FSDP2, the head its own unit** (``fully_shard(lm_head)``; accelerate does this with LoRA): the fused call is a
-  method of the unit registered with ``register_fsdp_forward_method``, so FSDP all-gathers before it, reshards
-  after, gathers again for the backward and reduce-scatters the gradient. The method reads ``self.weight``; the
-  sharded parameter is never passed in as an argument.
-- **FSDP1 unit around the head, or a ZeRO-3 parameter not gathered**: the fused call runs *as the forward* of the
-  module the wrapper hooks (the FSDP1 wrapper's inner module; the ZeRO-3 head itself), through the module's
-  ``__call__``, so the wrapper's own pre-/post-forward and backward hooks do the gathering and the reduction.
+- **whole** (no wrapper, DDP, ZeRO-1/2, FSDP1/FSDP2 with the head in the root unit, whose forward is running): read
+  it. The gradient reaches the parameter and the wrapper reduces it as usual.
+- **FSDP2, the head in a unit of its own** (``fully_shard(lm_head)``: accelerate does this under LoRA; or
+  ``fully_shard([norm, lm_head])``): the fused call is a method of the unit registered with
+  ``register_fsdp_forward_method``, so FSDP all-gathers before it, reshards after, gathers again for the backward
+  and reduce-scatters the gradient. The method reads ``self.weight``; the sharded parameter is never passed in as
+  an argument.
+- **FSDP1 unit around the head, or a ZeRO-3 head**: the fused call runs *as the forward* of the module the wrapper
+  hooks (the FSDP1 wrapper's inner module; the ZeRO-3 head itself), through the module's ``__call__``, so the
+  wrapper's own pre-/post-forward and backward hooks do the gathering and the reduction.
 
 A ``Shard(0)`` DTensor head that no FSDP unit manages is a tensor-parallel head: :func:`fastpref.sequence_logprobs`
 takes it as it is (:mod:`.plan`).
@@ -145,14 +146,14 @@ def run_in_head_unit(module: nn.Module, head: nn.Module, fn: Callable[..., Any],
     fsdp1 = next((m for m in module.modules() if is_fsdp1(m)), None)
     if fsdp1 is not None:  # FSDP1 wraps the head (or the PEFT wrapper around it): through the wrapper's forward
         return _as_forward(fsdp1, fsdp1.module, fn, args)
-    if is_whole(head):
-        return fn(*args)
     unit = next((m for m in module.modules() if is_fsdp2(m)), None)
-    if unit is not None and any(is_dtensor(p) for p in head.parameters(recurse=False)):
-        return _fsdp2_method(unit, fn, args)
+    if unit is not None:  # the head is (in) an FSDP2 unit of its own: always through the unit, even when a
+        return _fsdp2_method(unit, fn, args)  # prefetch has gathered it (its gradient must be reduce-scattered)
     if any(is_zero3_param(p) for p in head.parameters(recurse=False)):
-        return _as_forward(head, head, fn, args)  # ZeRO-3 gathers a module's own parameters around its forward
-    return fn(*args)  # a tensor-parallel DTensor head: sequence_logprobs takes it as it is
+        # ZeRO-3 gathers a module's own parameters around its forward and again for its backward; a weight that
+        # looks gathered now (prefetched) is released before the backward when read outside
+        return _as_forward(head, head, fn, args)
+    return fn(*args)  # whole (root unit, DDP, no wrapper), or a tensor-parallel DTensor head (sequence_logprobs)
 
 
 def _as_forward(caller: nn.Module, target: nn.Module, fn, args):

@@ -63,7 +63,10 @@ The extra trainable modules (DRDO's reward head, AuxDPO's ``delta``) live in ``t
 ``nn.ModuleDict``; also ``trainer.reward_head`` / ``trainer.delta``): they join the optimizer as an extra
 parameter group (no weight decay; ``max_grad_norm`` clipping covers the model's parameters only, as Trainer
 clips), and :meth:`save_model` writes their state dict to ``fastpref_modules.pt`` next to the model (resuming
-from a checkpoint does not reload them). They need a single process and the Trainer-built optimizer.
+from a checkpoint does not reload them). They need the Trainer-built optimizer. With several processes they are
+replicated on every rank and their gradients averaged over the ranks before each step (DDP's rule); under
+DeepSpeed or FSDP they get their own optimizer of the Trainer's class, settings and schedule
+(:mod:`fastpref.distributed.replicated`).
 
 Logged metrics keep TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``, ``aux_loss``; plus each fastpref
@@ -73,8 +76,14 @@ distribution the fused head never builds: ``entropy``, ``logits/chosen``, ``logi
 
 Unsupported, raising at construction (never a silent difference): ``use_weighting=True`` (WPO needs
 ``log sum_v p^2`` per token), ``rpo_alpha`` / ``use_liger_loss`` / ``reference_free`` of other TRL releases,
-vision datasets, padding-free batches, FSDP and DeepSpeed ZeRO-3 (the head weight must be whole), and for
-``drdo``/``auxdpo`` more than one process, DeepSpeed, or a user-built optimizer lacking their parameters.
+vision datasets, padding-free batches, and for ``drdo``/``auxdpo`` a user-built optimizer lacking their
+parameters.
+
+Multi-process (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-1/2/3, through accelerate or ``torchrun``): the patched forward
+reads the head where it is whole and runs the fused head inside the head's own FSDP unit / ZeRO-3 module when it
+is sharded there; the reference model, which TRL wraps in its constructor, is patched after wrapping and its head
+checked on a gathered copy on every rank; AuxDPO's head penalty reads the reference head gathered without
+gradient (:mod:`fastpref.distributed.wrappers`).
 
 TRL hooks overridden (TRL 1.16): ``compute_loss`` (Trainer's public hook; TRL's private ``_compute_loss`` is
 not called), ``compute_ref_log_probs(model, inputs)`` (called by TRL's precompute pass), the Trainer hooks
@@ -108,6 +117,8 @@ from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
 from ._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from ._trl_utils import ExtraColumnsCollator, capture_backbone_hidden, ld_segment_ids, no_gradient_checkpointing
+from ..distributed.replicated import ReplicatedParameters
+from ..distributed.wrappers import probe_head, whole_parameters, whole_shape
 from .transformers import _STATE, _targets, patch
 
 __all__ = ["FastPrefDPOTrainer", "METHODS", "ORACLE_COLUMNS", "INDEX_COLUMN"]
@@ -198,17 +209,14 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
         if getattr(self, "_is_vision_dataset", False):
             raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported")
-        if self.is_deepspeed_enabled and _zero_stage(self) == 3:
-            raise NotImplementedError("FastPrefDPOTrainer: DeepSpeed ZeRO-3 is not supported: the fused head reads "
-                                      "the whole LM-head weight")
 
         self._fastpref_patch_all()
         self.fastpref_modules = nn.ModuleDict()
         self._fastpref_columns: dict[str, torch.dtype] = {}
         if method == "drdo":
             head = self.fastpref_method_kwargs["reward_head"]
-            if head is None:
-                hidden_size = self._fastpref_head().weight.shape[1]
+            if head is None:  # sized from the head module (its weight may be a ZeRO-3 placeholder or a shard)
+                hidden_size = whole_shape(self._fastpref_head())[1]
                 head = nn.Linear(hidden_size, 1)
             self.fastpref_modules["reward_head"] = head.to(self.args.device)
             self._fastpref_columns.update({name: torch.float32 for name in ORACLE_COLUMNS})
@@ -220,6 +228,14 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self._fastpref_columns:
             optional = {INDEX_COLUMN}  # evaluation batches of auxdpo use delta = 0 and need no index
             self.data_collator = ExtraColumnsCollator(self.data_collator, self._fastpref_columns, optional)
+        self._fastpref_replicated = None
+        if len(self.fastpref_modules) and (self.args.world_size > 1 or self.is_deepspeed_enabled
+                                           or self.is_fsdp_enabled):
+            # several processes: the extra parameters are replicated, their gradients averaged over the ranks; under
+            # DeepSpeed / FSDP they get their own optimizer (fastpref.distributed.replicated)
+            self._fastpref_replicated = ReplicatedParameters(
+                list(self.fastpref_modules.parameters()), own_optimizer=self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            self.add_callback(self._fastpref_replicated)
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -285,7 +301,9 @@ class FastPrefDPOTrainer(DPOTrainer):
         lm = find_causal_lm(self.accelerator.unwrap_model(model))
         state = lm.__dict__.get(_STATE)
         if state is None or state.backend != self.fastpref_backend or state.reduction != "sum":
-            patch(lm, backend=self.fastpref_backend)  # verifies against the class's forward, autocast off
+            # the wrapped model itself (DDP / FSDP / a DeepSpeed engine): a sharded head is checked by gathering it
+            # through its wrapper, the same way on every rank
+            patch(model, backend=self.fastpref_backend)  # verifies against the class's forward, autocast off
 
     def _fastpref_patch_all(self) -> None:
         self._fastpref_patch(self.model)
@@ -305,6 +323,8 @@ class FastPrefDPOTrainer(DPOTrainer):
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         params = [p for p in self.fastpref_modules.parameters() if p.requires_grad]
+        if getattr(self, "_fastpref_replicated", None) is not None and self._fastpref_replicated.own_optimizer:
+            params = []  # stepped by their own optimizer (DeepSpeed / FSDP own this one)
         if params and self.optimizer is not None:
             held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
             new = [p for p in params if id(p) not in held]
@@ -351,9 +371,7 @@ class FastPrefDPOTrainer(DPOTrainer):
                 with capture_backbone_hidden(unwrapped) as store:
                     out = model(**kwargs)
                 lm = find_causal_lm(unwrapped)
-                head = resolve_head(lm.get_output_embeddings())
-                weight, bias = head_parameters(head, lm.__dict__[_STATE].transform)
-                return self._sequence_logps(out.logps), store[-1], (weight, bias, lm.__dict__[_STATE].transform)
+                return self._sequence_logps(out.logps), store[-1], (lm, model)
             out = model(**kwargs)
         return self._sequence_logps(out.logps), None, None
 
@@ -488,20 +506,29 @@ class FastPrefDPOTrainer(DPOTrainer):
             delta_chosen = delta_rejected = torch.zeros_like(chosen)
         penalty = None
         if ref_hidden is not None:
-            weight, bias, transform = ref_head
-            input_ids = inputs["input_ids"]
-            labels, segments, _, _, _ = _targets(input_ids, inputs.get("attention_mask"), None,
-                                                 inputs["completion_mask"], None, None, {}, False)
-            hidden = ref_hidden.detach().to(device=weight.device, dtype=weight.dtype)  # the head's dtype
-            penalty = head_null_penalty(
-                hidden, weight.detach(), labels.to(weight.device),
-                torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
-                bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
-                softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
+            lm, wrapped = ref_head
+            module = lm.get_output_embeddings()
+            head, transform = resolve_head(module), lm.__dict__[_STATE].transform
+            # read outside the reference forward, without gradient: gathered when sharded (every rank)
+            with whole_parameters(module, head, root=wrapped) as whole:
+                weight, bias = head_parameters(probe_head(head, whole), transform)
+                penalty = self._auxdpo_penalty(inputs, ref_hidden, weight, bias, transform, delta_chosen,
+                                               delta_rejected, chosen)
         return auxdpo_loss(chosen, rejected, ref_chosen, ref_rejected, delta_chosen.to(chosen.device),
                            delta_rejected.to(chosen.device), beta=self.args.beta, null_penalty=penalty,
                            lambda_null=settings["lambda_null"], lambda_amp=settings["lambda_amp"],
                            backend=self.fastpref_backend)
+
+    def _auxdpo_penalty(self, inputs, ref_hidden, weight, bias, transform, delta_chosen, delta_rejected, chosen):
+        """AuxDPO's exact LM-head null-space penalty from the reference hidden states and the whole head."""
+        labels, segments, _, _, _ = _targets(inputs["input_ids"], inputs.get("attention_mask"), None,
+                                             inputs["completion_mask"], None, None, {}, False)
+        hidden = ref_hidden.detach().to(device=weight.device, dtype=weight.dtype)  # the head's dtype
+        return head_null_penalty(
+            hidden, weight.detach(), labels.to(weight.device),
+            torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
+            bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
+            softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -558,13 +585,6 @@ def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
                                   "reference-free method (simpo, typo, drdo)")
     if getattr(config, "padding_free", False):
         raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
-    if getattr(config, "fsdp", None):
-        raise NotImplementedError("FastPrefDPOTrainer: FSDP is not supported: the fused head reads the whole "
-                                  "LM-head weight")
-    ds = getattr(config, "hf_deepspeed_config", None)
-    if ds is not None and callable(getattr(ds, "is_zero3", None)) and ds.is_zero3():
-        raise NotImplementedError("FastPrefDPOTrainer: DeepSpeed ZeRO-3 is not supported: the fused head reads the "
-                                  "whole LM-head weight")
     if method != "dpo":
         for name, default in _DEFAULT_DPO_FIELDS.items():
             value = getattr(config, name, default)
@@ -629,10 +649,7 @@ def _dummy_loss(config: DPOConfig, method: str, settings: dict) -> None:
 
 
 def _check_owned_modules(config: DPOConfig, method: str, settings: dict, optimizers) -> None:
-    """drdo / auxdpo train a module the trainer owns (outside the model): one process, the Trainer's optimizer."""
-    if config.world_size > 1 or getattr(config, "deepspeed", None):
-        raise NotImplementedError(f"FastPrefDPOTrainer: method={method!r} trains a trainer-owned module (outside the "
-                                  "model, so neither DDP nor DeepSpeed sees it): one process without DeepSpeed only")
+    """drdo / auxdpo train a module the trainer owns (outside the model): the Trainer's optimizer must hold it."""
     optimizer = (optimizers or (None, None))[0]
     if optimizer is None:
         return
@@ -645,11 +662,6 @@ def _check_owned_modules(config: DPOConfig, method: str, settings: dict, optimiz
     raise _error(f"method={method!r} trains `trainer.fastpref_modules` ({owned}), "
                  "which the optimizer passed in `optimizers` does not hold; let the Trainer build the optimizer (for "
                  "drdo you may also pass `method_kwargs['reward_head']` and include its parameters)")
-
-
-def _zero_stage(trainer) -> Optional[int]:
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None)
 
 
 def _router_aux_loss(model: nn.Module, outputs, attention_mask) -> torch.Tensor:
