@@ -24,10 +24,13 @@ from .common import (add_shape_args, bench, guarded, make_inputs, markdown_table
 
 
 def _segments(lab, prompt_frac):
-    """Prompt (1) / response (2) segment ids for the anchors' labels (prompt rows carry label -100 there)."""
+    """Prompt (1) / response (2) segment ids for the anchors' labels (prompt rows carry label -100 there). The last
+    row scores nothing, as in a real shifted batch (row t predicts token t + 1): DRDO's reward head reads the hidden
+    row of each sequence's last response token, the row after the last scored one."""
     seg = torch.full_like(lab, 2)
     P = int(lab.shape[1] * prompt_frac)
     seg[:, :P] = 1
+    seg[:, -1] = 0
     return seg
 
 

@@ -6,9 +6,11 @@
 
 Data: preference pairs with the rewards an oracle / reward model gave each response: ``oracle_chosen`` and
 ``oracle_rejected`` for DRDO, ``reward_chosen`` and ``reward_rejected`` for e-DPO (the collator,
-``PairwiseRewardCollator``, keeps them; TRL's DPO collator would drop them). DRDO trains a student reward head
-(``trainer.reward_head``, a linear layer on the policy's last hidden state) together with the policy and saves it as
-``reward_head.pt`` next to the model.
+``PairwiseRewardCollator``, keeps them; TRL's DPO collator would drop them). DRDO first trains the oracle (``DRDOOracleTrainer``: a reward head on the hidden state of the
+last response token plus a language-model term, ``a = 0.01``) and lets it annotate the pairs with ``oracle_chosen`` /
+``oracle_rejected``; then the student run (``OracleRewardTrainer(method="drdo")``) trains the policy and a student
+reward head (``trainer.reward_head``) together and saves the head as ``reward_head.pt`` next to the model. e-DPO
+reads the rewards given here.
 """
 
 import argparse
@@ -18,7 +20,7 @@ import tempfile
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
 from fastpref.collators import tokenize_dataset
-from fastpref.trainer import REWARD_HEAD_NAME, OracleRewardTrainer
+from fastpref.trainer import REWARD_HEAD_NAME, DRDOOracleTrainer, OracleRewardTrainer
 
 PAIRS = [
     ("what color is the sky ?", "blue .", "green .", 2.0, -1.0),
@@ -36,9 +38,17 @@ def main(methods=("drdo", "edpo")) -> dict:
     tokenizer = tiny_tokenizer()
     losses = {}
     for method in methods:
-        names = ("oracle_chosen", "oracle_rejected") if method == "drdo" else ("reward_chosen", "reward_rejected")
-        rows = [{"prompt": p, "chosen": c, "rejected": r, names[0]: rc, names[1]: rr} for p, c, r, rc, rr in PAIRS]
-        data = tokenize_dataset(rows, tokenizer)
+        if method == "drdo":  # stage 1: the oracle, trained on the pairs, annotates R*
+            pairs = tokenize_dataset([{"prompt": p, "chosen": c, "rejected": r} for p, c, r, _, _ in PAIRS], tokenizer)
+            with tempfile.TemporaryDirectory() as out:
+                oracle = DRDOOracleTrainer(tiny_model(tokenizer, seed=1), training_args(out), train_dataset=pairs,
+                                           processing_class=tokenizer, a=0.01)
+                print(f"[{oracle.method_name}] mean training loss {oracle.train().training_loss:.4f}")
+                data = oracle.annotate(pairs)  # adds oracle_chosen / oracle_rejected
+        else:
+            rows = [{"prompt": p, "chosen": c, "rejected": r, "reward_chosen": rc, "reward_rejected": rr}
+                    for p, c, r, rc, rr in PAIRS]
+            data = tokenize_dataset(rows, tokenizer)
         with tempfile.TemporaryDirectory() as out:
             trainer = OracleRewardTrainer(
                 tiny_model(tokenizer), training_args(out), method=method, train_dataset=data,

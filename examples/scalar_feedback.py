@@ -37,8 +37,8 @@ def main(methods=("pro", "dro")) -> dict:
                 tiny_model(tokenizer), training_args(out, per_device_train_batch_size=2), method=method,
                 train_dataset=data, processing_class=tokenizer,
                 beta=0.1,
-                eta=0.1, tau=1.0,    # PRO-S: hyper-response mass, reward-score temperature (alpha -> 1/(1-eta)^2)
-                log_z0=0.0,          # DRO: offset of log Z
+                tau=1.0,             # PRO-S: reward-score temperature; eta = 1/(K+1) per prompt, alpha from lam = 2
+                log_z0=50.0,         # DRO: offset of log Z (the seed's setting, with beta = 0.1)
             )
             result = trainer.train()
             losses[method] = result.training_loss

@@ -3,9 +3,11 @@
     python examples/typo.py
 
 Data: pair rows (``prompt``, ``chosen``, ``rejected``) and reference-sample rows (``prompt``, ``completion``,
-``unsup=True``: responses sampled from the reference model, here written by hand) in one dataset. The collator
+``unsup=True``) in one dataset. The reference samples come from the reference (SFT) model through
+``fastpref.sampling.sample_reference_responses``: one per prompt, the seed's settings (temperature 1, top_k 60,
+top_p 0.8, repetition penalty 1.1; at most 256 new tokens, here 8 to keep the example quick). The collator
 (``TYPOCollator``) puts the chosen rows, then the rejected rows, then the unsup rows in each batch. TYPO is
-reference-free: no reference model is loaded.
+reference-free in training: the reference model only samples.
 """
 
 import tempfile
@@ -13,23 +15,23 @@ import tempfile
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
 from fastpref.collators import tokenize_dataset
+from fastpref.sampling import sample_reference_responses
 from fastpref.trainer import TYPOTrainer
 
-ROWS = [
+PAIRS = [
     {"prompt": "what color is the sky ?", "chosen": "blue .", "rejected": "green ."},
     {"prompt": "name a fruit .", "chosen": "apple .", "rejected": "rock ."},
     {"prompt": "say hello .", "chosen": "hello !", "rejected": "bye ."},
-    {"prompt": "what color is the sky ?", "completion": "maybe blue .", "unsup": True},
-    {"prompt": "name a fruit .", "completion": "banana .", "unsup": True},
-    {"prompt": "count to two .", "chosen": "one two .", "rejected": "two .", "unsup": False},
-    {"prompt": "say hello .", "completion": "hi .", "unsup": True},
-    {"prompt": "what color is the snow ?", "completion": "white .", "unsup": True},
+    {"prompt": "count to two .", "chosen": "one two .", "rejected": "two ."},
 ]
 
 
 def main() -> float:
     tokenizer = tiny_tokenizer()
-    data = tokenize_dataset(ROWS, tokenizer)
+    pairs = tokenize_dataset(PAIRS, tokenizer)
+    reference = tiny_model(tokenizer)  # the SFT model: here the policy's initial weights
+    unsup = sample_reference_responses(reference, pairs, seed=0, max_new_tokens=8)  # one response per prompt
+    data = [row for pair in zip(pairs, unsup) for row in pair]  # interleaved: every batch holds both kinds
     with tempfile.TemporaryDirectory() as out:
         trainer = TYPOTrainer(tiny_model(tokenizer), training_args(out), train_dataset=data,
                               processing_class=tokenizer, lam=0.05)

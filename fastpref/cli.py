@@ -1,5 +1,9 @@
 """The ``fastpref`` command (also ``python -m fastpref``).
 
+``fastpref reproduce`` runs each method paper's own toy claim through fastpref's public API on the CPU (about half a
+minute) and prints the paper's statement next to fastpref's numbers; it writes ``reproduce.png`` and
+``reproduce.json`` to ``--out`` and exits 1 when a claim does not hold (:mod:`fastpref.reproduce`).
+
 ``fastpref demo`` trains a tiny Llama (built from a config, no download) on the preference dataset shipped in the
 package, whose ground-truth reward is known, with each method in turn (or the ones named with ``--method``), and
 prints a table: final loss, held-out reward accuracy before and after, the change of the held-out chosen
@@ -112,7 +116,81 @@ def _parser() -> _Parser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     demo.set_defaults(func=_demo)
+
+    from .reproduce import CLAIMS
+
+    rep = sub.add_parser(
+        "reproduce", help="check each method paper's own toy claim through fastpref (CPU, about half a minute)",
+        description="Run each paper's toy claim through fastpref's public API on the CPU, in float64, and print the "
+                    "paper's statement next to fastpref's numbers: " + ", ".join(CLAIMS) + ". Writes "
+                    "reproduce.png and reproduce.json to --out; exit status 1 when a claim does not hold.")
+    rep.add_argument("--claim", type=_claims, default=list(CLAIMS), metavar="NAME[,NAME...]",
+                     help=f"claim(s) to run, comma-separated (default: all = {','.join(CLAIMS)})")
+    rep.add_argument("--out", type=Path, default=Path("fastpref-reproduce"),
+                     help="output folder for reproduce.png and reproduce.json (default ./fastpref-reproduce/)")
+    rep.add_argument("--no-plot", action="store_true", help="do not write reproduce.png")
+    rep.add_argument("--threads", type=_positive_int, default=1, help="CPU threads (default 1)")
+    rep.set_defaults(func=_reproduce)
     return parser
+
+
+def _claims(text: str) -> list[str]:
+    from .reproduce import CLAIMS
+
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one claim")
+    if names == ["all"]:
+        return list(CLAIMS)
+    for name in names:
+        if name not in CLAIMS:
+            raise argparse.ArgumentTypeError(f"unknown claim {name!r} (choose from {', '.join(CLAIMS)}, or 'all')")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a claim is named twice in {text!r}")
+    return names
+
+
+def _writable_folder(prog: str, out: Path) -> None:
+    """Fail before the run, not after it, when ``out`` cannot receive the files."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fastpref-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise _UsageError(prog, f"argument --out: cannot write to {out}: {_one_line(exc)}") from None
+
+
+def _reproduce(args: argparse.Namespace, parser: _Parser) -> int:
+    prog = "fastpref reproduce"
+    _writable_folder(prog, args.out)
+    from .reproduce import run_claims
+    from .reproduce.report import format_table, write_json, write_plot
+
+    started = time.perf_counter()
+    print(f"{prog}: {len(args.claim)} claim(s) on the CPU in float64 ...", flush=True)
+    results = run_claims(args.claim, threads=args.threads)
+    elapsed = time.perf_counter() - started
+    print(format_table(results, elapsed))
+    written = []
+    try:
+        write_json(args.out / "reproduce.json", results)
+        written.append(str(args.out / "reproduce.json"))
+        if not args.no_plot:
+            note = write_plot(args.out / "reproduce.png", results)
+            if note:
+                print(note)
+            else:
+                written.insert(0, str(args.out / "reproduce.png"))
+    except OSError as exc:
+        print(f"{prog}: error: cannot write to {args.out}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    print(f"wrote {', '.join(written)}")
+    failed = [r.name for r in results if not r.passed]
+    if failed:
+        print(f"{prog}: not reproduced: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _has_module(name: str) -> bool:
@@ -196,7 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)
         if args.command is None:
-            raise _UsageError("fastpref", "missing command (try 'fastpref demo' or 'fastpref --help')")
+            raise _UsageError("fastpref", "missing command (try 'fastpref demo', 'fastpref reproduce' or "
+                                          "'fastpref --help')")
         return args.func(args, parser)
     except _UsageError as exc:
         print(f"{exc.prog}: error: {_one_line(exc.message)}", file=sys.stderr)

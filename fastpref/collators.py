@@ -23,6 +23,9 @@ TYPOCollator             pair rows: ``prompt_input_ids``,                    ``u
                          ``chosen_input_ids``, ``rejected_input_ids``;       completions, then the rejected ones (TRL
                          reference-sample rows: ``prompt_input_ids``,        layout), then the unsup rows
                          ``completion_input_ids``, ``unsup=True``
+PreferenceCollator       ``prompt_input_ids``, ``chosen_input_ids``,         rows: B chosen, then B rejected (N = 2B);
+                         ``rejected_input_ids`` (+ ``index_column``, e.g.    ``example_index`` long ``[B]`` when asked
+                         AuxDPO's ``example_index``)                          (AuxDPO, DRDO's oracle stage)
 PairwiseRewardCollator   ``prompt_input_ids``, ``chosen_input_ids``,         the two reward columns, float ``[B]``;
                          ``rejected_input_ids``, two reward columns          rows: B chosen, then B rejected (N = 2B)
                          (``oracle_chosen``/``oracle_rejected`` for DRDO,
@@ -56,6 +59,7 @@ import torch
 __all__ = [
     "BinaryFeedbackCollator",
     "PairwiseRewardCollator",
+    "PreferenceCollator",
     "ScalarFeedbackCollator",
     "TYPOCollator",
     "group_rows",
@@ -342,6 +346,51 @@ class TYPOCollator(_Collator):
         completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs] + [c for _, c in unsup]
         batch = self._pad(prompts, completions)
         batch["unsup"] = torch.tensor([False] * (2 * len(pairs)) + [True] * len(unsup), dtype=torch.bool)
+        return batch
+
+
+def _index(value: Any, name: str, index: int, who: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_floating_point():
+            raise ValueError(f"{who}: example {index}, {name!r} must be one integer, got {value!r}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{who}: example {index}, {name!r} must be an integer >= 0 (a dataset index), got {value!r}")
+    return value
+
+
+@dataclasses.dataclass
+class PreferenceCollator(_Collator):
+    """Preference pairs: ``prompt_input_ids``, ``chosen_input_ids``, ``rejected_input_ids`` per example; rows are the B
+    chosen completions, then the B rejected ones (TRL layout). Returns ``input_ids``, ``attention_mask``,
+    ``segment_ids``, and with ``index_column`` (AuxDPO's ``example_index``) that column as long ``[B]``; when
+    ``index_optional`` and no example of the batch has it (evaluation data), the column is left out."""
+
+    index_column: Optional[str] = None
+    index_optional: bool = False
+
+    def __post_init__(self):
+        self.required = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+        if self.index_column is not None:
+            if not isinstance(self.index_column, str):
+                raise ValueError(f"`index_column` must be a column name or None, got {self.index_column!r}")
+            if not self.index_optional:
+                self.required = self.required + (self.index_column,)
+
+    def __call__(self, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+        who = type(self).__name__
+        prompts, chosen, rejected = [], [], []
+        for i, ex in enumerate(examples):
+            prompts.append(self._ids(ex, "prompt_input_ids", i, allow_empty=True))
+            chosen.append(self._ids(ex, "chosen_input_ids", i))
+            rejected.append(self._ids(ex, "rejected_input_ids", i))
+        batch = self._pad(prompts * 2, chosen + rejected)
+        col = self.index_column
+        if col is not None:
+            have = [isinstance(ex, Mapping) and ex.get(col) is not None for ex in examples]
+            if any(have) or not self.index_optional:
+                batch[col] = torch.tensor([_index(self._get(ex, col, i), col, i, who) for i, ex in enumerate(examples)],
+                                          dtype=torch.long)
         return batch
 
 

@@ -84,6 +84,18 @@ GRAD_TILE_CANDIDATES = {
     ),
     "fp32": (TileConfig(64, 64, 32, num_warps=4, num_stages=2, programs_per_sm=2),),
 }
+# The variants that carry per-token statistics (forward, frozen numerators) or the entropy's gradient (backward)
+# hold more live tiles; at the tiles above they spill 8-208 B of stack on sm_90, so they take half the rows.
+STATS_FORWARD_CANDIDATES = {
+    "low_precision": (TileConfig(64, 128, 64, num_warps=8, num_stages=3, group_m=16),
+                      TileConfig(64, 128, 64, num_warps=8, num_stages=4, group_m=8)),
+    "fp32": (TileConfig(32, 64, 32, num_warps=4, num_stages=2, group_m=16, programs_per_sm=2),),
+}
+STATS_GRAD_TILE_CANDIDATES = {
+    "low_precision": (TileConfig(64, 128, 64, num_warps=8, num_stages=3),
+                      TileConfig(64, 64, 64, num_warps=4, num_stages=3, programs_per_sm=2)),
+    "fp32": (TileConfig(32, 64, 32, num_warps=4, num_stages=2, programs_per_sm=2),),
+}
 # AuxDPO's head null-space pass holds two [BLOCK_M, BLOCK_V] accumulators (logits and G h): half the rows.
 NULL_PASS_CANDIDATES = {
     "low_precision": (TileConfig(64, 128, 64, num_warps=8, num_stages=3),),
@@ -98,12 +110,17 @@ def _kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "low_precision"
 
 
-def forward_config(dtype: torch.dtype) -> TileConfig:
-    return _INTERPRETER if interpreter_active() else FORWARD_CANDIDATES[_kind(dtype)][0]
+def forward_config(dtype: torch.dtype, stats: bool = False) -> TileConfig:
+    if interpreter_active():
+        return _INTERPRETER
+    return (STATS_FORWARD_CANDIDATES if stats else FORWARD_CANDIDATES)[_kind(dtype)][0]
 
 
-def grad_tile_config(dtype: torch.dtype) -> TileConfig:
-    return _INTERPRETER if interpreter_active() else GRAD_TILE_CANDIDATES[_kind(dtype)][0]
+def grad_tile_config(dtype: torch.dtype, heavy: bool = False) -> TileConfig:
+    """The backward's and the frozen forward's tile; ``heavy``: with statistics or the entropy's gradient."""
+    if interpreter_active():
+        return _INTERPRETER
+    return (STATS_GRAD_TILE_CANDIDATES if heavy else GRAD_TILE_CANDIDATES)[_kind(dtype)][0]
 
 
 def null_pass_config(dtype: torch.dtype) -> TileConfig:

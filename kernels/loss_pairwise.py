@@ -29,7 +29,8 @@ apo_zero        ``1 - sigma(r_w) + sigma(r_l)``                        ``sigma' 
 apo_down        ``sigma(r_w) + 1 - sigma(z)``                          ``dc = beta(sigma'(r_w) - sigma'(z))``,
                                                                        ``dl = beta sigma'(z)``
 discopop        ``(1-m) softplus(-z) + m e^-z``, ``m = sigma(z/tau)``  ``g = -sigma(-z)(1-m) - softplus(-z) m(1-m)/tau
-                                                                       - e^-z m + e^-z m(1-m)/tau``
+                (``m e^-z = exp(log sigma(z/tau) - z)``: finite at      - e^-z m + e^-z m(1-m)/tau``
+                ``z = -90``, where ``e^-z m`` is ``inf * 0``)
 sigmoid_norm    ``-log sigma(beta u)``, ``u = rho_w/n_w - rho_l/n_l``  ``dc = -beta sigma(-beta u)/n_w``, ``dl = -dc n_w/n_l``
 simpo           ``-(1-ls) log sigma(z) - ls log sigma(-z)``,           ``g = -(1-ls) sigma(-z) + ls sigma(z)``,
                 ``z = beta(c/n_w - l/n_l - gamma/beta)``               ``dc = beta g/n_w``, ``dl = -beta g/n_l``
@@ -40,20 +41,23 @@ auxdpo          ``-log sigma(m)``, ``m = r_w - r_l + beta(x1 - x2)``   ``g = -si
                 (x = delta_w, delta_l)
 drdo            ``e^2 - alpha F H``, ``e = (x3 - x4) - (x1 - x2)``,    ``dx1 = -2e = -dx2``;  ``p = sigma(c - l)``,
                 ``F = (1-p)^gamma = exp(gamma log sigma(l - c))``,     ``dc = -alpha(F - gamma F p H)``,
-                ``H = c - log1mexp(l)`` (x = rhat_w, rhat_l, R*)       ``dl = -alpha(gamma F p H + F / expm1(-l))``
-pro_pair        PRO-P (METHODS.md section 2, times 4 outside):         ``dL/dr_w = -1/8 + alpha(nu^2 f'(r_w - r_l) +
+                ``H = c - slog1mexp(l)`` (x = rhat_w, rhat_l, R*;     ``dl = -alpha(gamma F p H - F slog1mexp'(l))``;
+                R* = x3, x4 is data: no gradient)                      no gradient to R* (oracle rewards are data)
+pro_pair        PRO-P (methods section 2, times 4 outside):            ``dL/dr_w = -1/8 + alpha(nu^2 f'(r_w - r_l) +
                 ``-(r_w - r_l)/8 + alpha/2 (nu^2 (2 f(0) + 2 f(r_w -   eta nu f'(r_w - r_h))``, ``dL/dr_h = -alpha eta nu
                 r_l)) + 2 eta nu (f(r_w - r_h) + f(r_l - r_h)) + eta^2 (f'(r_w - r_h) + f'(r_l - r_h))``, ``dr_h/dc =
-                log 2)``; exact ``r_h = beta(log1mexp(logaddexp(c, l))  -beta exp(c - logpi_h)``; 'zero': ``r_h = 0``
-                - (same for ref))``
+                log 2)``; exact ``r_h = beta(slog1mexp(logaddexp(c,   beta slog1mexp'(lse) e^(c - lse)``; 'zero':
+                l)) - (same for ref))``                                ``r_h = 0``
 pro_binary      ``w_z (-(z - 1/2) r + lam f(r - r_h))``, ``r = beta      ``dc = w_z beta (-(z - 1/2) + lam f'(r - r_h)
-                (c - rc)``, exact ``r_h = beta(log1mexp(c) -           (1 + 1/expm1(-c)))`` (exact; without the last
-                log1mexp(rc))`` (x1 = label z)                         term in 'zero' mode)
+                (c - rc)``, exact ``r_h = beta(slog1mexp(c) -          (1 - slog1mexp'(c)))`` (exact; without the last
+                slog1mexp(rc))`` (x1 = label z)                        term in 'zero' mode)
 dro             ``e^2``, ``e = x1 - beta(c - rc) - (beta(x2 - x3) +    ``dc = -2 beta e``, ``dx1 = 2e``
                 beta log_z0)`` (x1 = R, x2/x3 = prompt log-probs)
 ==============  =====================================================  ===============================================
 
-``f(x) = (softplus(x) + softplus(-x)) / 2``, ``f'(x) = sigma(x) - 1/2`` (PRO).  Stable helpers: ``scalar_math``.
+``f(x) = (softplus(x) + softplus(-x)) / 2``, ``f'(x) = sigma(x) - 1/2`` (PRO).  ``slog1mexp`` is ``safe_log1mexp``:
+``log(1 - e^a)``, continued linearly above ``a = -2^-24`` so that log-probs of 0 or -1e-40 stay finite.  Stable
+helpers: ``scalar_math``.
 """
 
 from __future__ import annotations
@@ -67,12 +71,12 @@ import triton.language as tl
 
 from .config import interpreter_active, launch, output_buffer
 from .scalar_math import (
-    log1mexp,
     log_sigmoid,
     logaddexp,
     pro_f,
     pro_fprime,
-    recip_expm1_neg,
+    safe_log1mexp,
+    safe_log1mexp_grad,
     sigmoid,
     softplus,
 )
@@ -200,11 +204,11 @@ def _pairwise_loss_kernel(
             gl = beta * sz
         elif LOSS == 10:  # discopop
             m = sigmoid(z / k0)
-            mm = m * sigmoid(-z / k0)  # m (1 - m)
+            mc = sigmoid(-z / k0)  # 1 - m
             sp = softplus(-z)
-            ez = tl.exp(-z)
-            t = sp * (1.0 - m) + ez * m
-            g = -sigmoid(-z) * (1.0 - m) - sp * mm / k0 - ez * m + ez * mm / k0
+            em = tl.exp(log_sigmoid(z / k0) - z)  # m e^-z, never inf * 0
+            t = sp * mc + em
+            g = -sigmoid(-z) * mc - sp * (m * mc) / k0 - em + em * mc / k0
             gc = beta * g
             gl = -beta * g
         else:  # sigmoid_norm
@@ -263,10 +267,10 @@ def _pairwise_loss_kernel(
         e = (x3 - x4) - (x1 - x2)
         ff = tl.exp(k1 * log_sigmoid(l - c))  # (1 - p_w)^gamma, not detached
         p = sigmoid(c - l)
-        h = c - log1mexp(l)
+        h = c - safe_log1mexp(l)
         t = e * e - k0 * (ff * h)
         gc = -k0 * (ff - k1 * ff * p * h)
-        gl = -k0 * (k1 * ff * p * h + ff * recip_expm1_neg(l))
+        gl = -k0 * (k1 * ff * p * h - ff * safe_log1mexp_grad(l))
         g1 = -2.0 * e
         g2 = 2.0 * e
     elif LOSS == 25:  # ------------------------------------------------------------------------------ PRO-P
@@ -276,10 +280,10 @@ def _pairwise_loss_kernel(
         r_w = beta * (c - rc)
         r_l = beta * (l - rl)
         if EXACT:
-            logpi_h = log1mexp(logaddexp(c, l))
-            r_h = beta * (logpi_h - log1mexp(logaddexp(rc, rl)))
+            lse = logaddexp(c, l)
+            r_h = beta * (safe_log1mexp(lse) - safe_log1mexp(logaddexp(rc, rl)))
         else:
-            logpi_h = zero
+            lse = zero
             r_h = zero
         nu = k2
         reg_labeled = nu * nu * (2.0 * 0.6931471805599453 + 2.0 * pro_f(r_w - r_l))
@@ -290,17 +294,17 @@ def _pairwise_loss_kernel(
         fwl = pro_fprime(r_w - r_l)
         gc = beta * (-0.125 + k0 * (nu * nu * fwl + k1 * nu * fw))
         gl = beta * (0.125 - k0 * (nu * nu * fwl) + k0 * (k1 * nu * fl))
-        if EXACT:
-            d_rh = -k0 * k1 * nu * (fw + fl)
-            gc += d_rh * (-beta * tl.exp(c - logpi_h))
-            gl += d_rh * (-beta * tl.exp(l - logpi_h))
+        if EXACT:  # d r_h / d c = beta safe_log1mexp'(lse) e^(c - lse)
+            d_rh = -k0 * k1 * nu * (fw + fl) * beta * safe_log1mexp_grad(lse)
+            gc += d_rh * tl.exp(c - lse)
+            gl += d_rh * tl.exp(l - lse)
     elif LOSS == 26:  # ------------------------------------------------------------------------------ PRO-B
         rc = tl.load(RC + offs, mask=mask, other=-1.0)
         zl = tl.load(X1 + offs, mask=mask, other=0.0)
         r = beta * (c - rc)
         if EXACT:
-            r_h = beta * (log1mexp(c) - log1mexp(rc))
-            dh = 1.0 + recip_expm1_neg(c)  # d(r - r_h)/dc / beta
+            r_h = beta * (safe_log1mexp(c) - safe_log1mexp(rc))
+            dh = 1.0 - safe_log1mexp_grad(c)  # d(r - r_h)/dc / beta
         else:
             r_h = zero
             dh = zero + 1.0

@@ -10,10 +10,13 @@ arguments the losses feed it (sequence log-probs from -1e5 to -1e-8, their diffe
                        of ``u`` cancels: exact to a few ulp for every ``y > -1``)
 ``expm1(x)``           Kahan's dual trick for ``|x| < ln 2``: ``u = e^x``; ``x`` if ``u == 1`` else
                        ``(u - 1) * x / log(u)``; ``e^x - 1`` otherwise (no cancellation there)
-``log1mexp(a)``        ``log(1 - e^a)``, ``a < 0`` (METHODS.md section 0): ``log(-expm1(a))`` for ``a > -ln 2``,
+``log1mexp(a)``        ``log(1 - e^a)``, ``a < 0`` (methods section 0): ``log(-expm1(a))`` for ``a > -ln 2``,
                        ``log1p(-e^a)`` otherwise; each branch sees a clamped argument
 ``recip_expm1_neg(a)`` ``1 / expm1(-a) = -d log1mexp(a) / da``, ``a < 0`` (argument clamped at 80: ``e^-80`` is the
                        answer to fp32 precision beyond it)
+``safe_log1mexp(a)``   ``log1mexp(a)`` for ``a <= -2^-24``, its tangent line at ``-2^-24`` above (a log-prob of 0 or
+                       -1e-40 stays finite; ``fastpref.losses._ops.safe_log1mexp``); ``safe_log1mexp_grad(a)`` its
+                       derivative (``-recip_expm1_neg(a)``, or the constant slope above ``-2^-24``)
 ``sigmoid(x)``         ``1 / (1 + e^-|x|)`` or ``e^-|x| / (1 + e^-|x|)`` (never overflows)
 ``softplus(x)``        ``max(x, 0) + log1p(e^-|x|)``
 ``log_sigmoid(x)``     ``min(x, 0) - log1p(e^-|x|)``  (``= -softplus(-x)``)
@@ -59,6 +62,25 @@ def log1mexp(a):
 @triton.jit
 def recip_expm1_neg(a):
     return 1.0 / expm1(tl.minimum(-a, 80.0))
+
+
+# fastpref.losses._ops.SAFE_LOG1MEXP_EPS = 2^-24, and log1mexp / its slope there (float64 on the host).
+SAFE_EPS = 5.960464477539063e-08
+SAFE_L0 = -16.63553236324101
+SAFE_D0 = -16777215.500000004
+
+
+@triton.jit
+def safe_log1mexp(a):
+    near = a > -5.960464477539063e-08
+    exact = log1mexp(tl.minimum(a, -5.960464477539063e-08))
+    return tl.where(near, -16.63553236324101 + (a + 5.960464477539063e-08) * -16777215.500000004, exact)
+
+
+@triton.jit
+def safe_log1mexp_grad(a):
+    near = a > -5.960464477539063e-08
+    return tl.where(near, -16777215.500000004, -recip_expm1_neg(tl.minimum(a, -5.960464477539063e-08)))
 
 
 @triton.jit

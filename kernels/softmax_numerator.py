@@ -14,7 +14,8 @@ term as ``(1 - p_y) kappa_y W[y]`` with ``1 - p_y = -expm1(lp)``).
 
 Per (row, vocabulary tile) it also writes the exact log-sum-exp statistics of the tile, label excluded,
 ``max_part[tile, t]`` and ``sum_part[tile, t] = sum_v exp(z_tv - max_part)``: the forward's ``(max, log sum)``
-come from the same pass. No atomics.
+come from the same pass; with ``STATS`` also the per-token statistics' partials (``t1, t2, zsum, before``, as in
+``vocab_logsumexp``). No atomics.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ NUMERATOR_CLAMP = 80.0  # exp(80) = 5.5e34: finite in fp32 and bf16
 
 @triton.jit
 def _softmax_numerator_kernel(
-    H, W, B, ROWS, LABELS, REF, P, MAX_PART, SUM_PART,
+    H, W, B, ROWS, LABELS, REF, P, MAX_PART, SUM_PART, T1_PART, T2_PART, ZSUM_PART, BEFORE_PART, LABEL_PART,
     M, v_begin, vc, D, stride_h, stride_w, stride_p,
     scale, softcap, clamp,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -53,14 +55,24 @@ def _softmax_numerator_kernel(
     acc = logits_tile(H, W, rows, m_mask, offs_v, v_mask, D, stride_h, stride_w,
                       UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D)
     z = logits_epilogue(acc, B, offs_v, v_mask, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-    z = tl.where(offs_v[None, :] == labels[:, None], float("-inf"), z)
+    is_label = offs_v[None, :] == labels[:, None]
+    at_label = tl.max(tl.where(is_label, z, float("-inf")), axis=1)
+    z = tl.where(is_label, float("-inf"), z)
 
     tile_max = tl.max(z, axis=1)
     safe = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-    tile_sum = tl.sum(tl.exp(z - safe[:, None]), axis=1)
+    e = tl.exp(z - safe[:, None])
     out = pid_v * M + offs_m
     tl.store(MAX_PART + out, tile_max, mask=m_mask)
-    tl.store(SUM_PART + out, tile_sum, mask=m_mask)
+    tl.store(SUM_PART + out, tl.sum(e, axis=1), mask=m_mask)
+    if STATS:
+        finite = z != float("-inf")
+        tl.store(T1_PART + out, tl.sum(e * tl.where(finite, z - safe[:, None], 0.0), axis=1), mask=m_mask)
+        tl.store(T2_PART + out, tl.sum(e * e, axis=1), mask=m_mask)
+        tl.store(ZSUM_PART + out, tl.sum(tl.where(finite, z, 0.0), axis=1), mask=m_mask)
+        tl.store(BEFORE_PART + out, tl.max(tl.where(offs_v[None, :] < labels[:, None], z, float("-inf")), axis=1),
+                 mask=m_mask)
+        tl.store(LABEL_PART + out, at_label, mask=m_mask)
 
     num = tl.exp(tl.minimum(z - ref[:, None], clamp))
     num = num * softcap_slope(tl.where(z == float("-inf"), 0.0, z), softcap, HAS_SOFTCAP)
@@ -81,25 +93,27 @@ def softmax_numerator_tile(
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     tile: Optional[TileConfig] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """``(P [mc, vc] in hidden's dtype, max_part [tiles, mc], sum_part [tiles, mc])`` (module docstring) for the
-    rows ``hidden[rows]`` and the columns ``[v_begin, v_begin + vc)``; ``ref`` fp32 ``[mc]``."""
+    rows ``hidden[rows]`` and the columns ``[v_begin, v_begin + vc)``; ``ref`` fp32 ``[mc]``. With ``stats``, also
+    ``(t1_part, t2_part, zsum_part, before_part, label_part)``."""
     mc, D = rows.numel(), hidden.shape[1]
-    cfg = tile or grad_tile_config(hidden.dtype)
+    cfg = tile or grad_tile_config(hidden.dtype, heavy=stats)
     row_blocks, vocab_tiles = triton.cdiv(mc, cfg.block_m), triton.cdiv(vc, cfg.block_v)
     P = output_buffer((mc, vc), hidden.dtype, hidden.device)
-    max_part = output_buffer((vocab_tiles, mc), torch.float32, hidden.device)
-    sum_part = output_buffer((vocab_tiles, mc), torch.float32, hidden.device)
+    parts = [output_buffer((vocab_tiles, mc), torch.float32, hidden.device) for _ in range(7 if stats else 2)]
+    extra = parts[2:] if stats else parts[:1] * 5
     padded_d = triton.cdiv(D, cfg.block_d) * cfg.block_d
     launch(_softmax_numerator_kernel, (row_blocks, vocab_tiles),
-           (hidden, weight, bias if bias is not None else weight, rows, labels, ref, P, max_part, sum_part,
+           (hidden, weight, bias if bias is not None else weight, rows, labels, ref, P, *parts[:2], *extra,
             mc, v_begin, vc, D, hidden.stride(0), weight.stride(0), P.stride(0),
             float(logit_scale), float(softcap) if softcap is not None else 1.0, NUMERATOR_CLAMP),
            dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype),
+                UPCAST=upcast_dot_operands(hidden.dtype), DOT_PRECISION=dot_precision(hidden.dtype), STATS=stats,
                 BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d),
            device=hidden.device,
            flops=2.0 * row_blocks * cfg.block_m * vocab_tiles * cfg.block_v * padded_d,
-           bytes=(mc + vc) * D * hidden.element_size() + mc * vc * hidden.element_size() + 8 * vocab_tiles * mc,
+           bytes=(mc + vc) * D * hidden.element_size() + mc * vc * hidden.element_size() + 4 * len(parts) * vocab_tiles * mc,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return P, max_part, sum_part
+    return (P, *parts)

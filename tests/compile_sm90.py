@@ -86,37 +86,49 @@ def head_kernels():
         prec = config.dot_precision(dtype)
         for bias, cap in ((False, False), (True, True)):
             common = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap}
-            for cfg in config.FORWARD_CANDIDATES[kind]:
-                compile_one(f"vocab_logsumexp {t} bias={bias} softcap={cap} {cfg.block_m}x{cfg.block_v}x{cfg.block_d}"
-                            f" w{cfg.num_warps} s{cfg.num_stages}", VL._vocab_logsumexp_kernel,
-                            {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
-                             "MAX_PART": "*fp32", "SUM_PART": "*fp32"},
-                            {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
-                             "cols_per_split": "i32", "num_splits": "i32", "scale": "fp32", "softcap": "fp32"},
-                            {**common, "UPCAST": False, "DOT_PRECISION": prec, "GROUP_M": cfg.group_m, **_tile(cfg)},
-                            cfg.num_warps, cfg.num_stages)
-            for cfg in config.GRAD_TILE_CANDIDATES[kind]:
+            for stats, cfg in [(st, c) for st in (False, True)
+                               for c in (config.STATS_FORWARD_CANDIDATES if st else config.FORWARD_CANDIDATES)[kind]]:
+                if True:
+                    compile_one(f"vocab_logsumexp {t} bias={bias} softcap={cap} stats={stats} "
+                                f"{cfg.block_m}x{cfg.block_v}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}",
+                                VL._vocab_logsumexp_kernel,
+                                {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                                 **{n: "*fp32" for n in ("MAX_PART", "SUM_PART", "T1_PART", "T2_PART", "ZSUM_PART",
+                                                         "BEFORE_PART", "LABEL_PART")}},
+                                {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+                                 "cols_per_split": "i32", "num_splits": "i32", "scale": "fp32", "softcap": "fp32"},
+                                {**common, "UPCAST": False, "DOT_PRECISION": prec, "STATS": stats,
+                                 "GROUP_M": cfg.group_m, **_tile(cfg)},
+                                cfg.num_warps, cfg.num_stages)
+            for heavy, cfg in [(h, c) for h in (False, True)
+                               for c in (config.STATS_GRAD_TILE_CANDIDATES if h else config.GRAD_TILE_CANDIDATES)[kind]]:
                 tag = f"{cfg.block_m}x{cfg.block_v}x{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}"
                 for db in ((False, True) if bias else (False,)):
-                    compile_one(f"logits_grad {t} bias={bias} softcap={cap} db={db} {tag}", LG_._logits_grad_kernel,
-                                {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
-                                 "MAXS": "*fp32", "LOGSUMS": "*fp32", "LPS": "*fp32", "GRAD": "*fp32", "DZ": f"*{t}",
-                                 "DB_PART": "*fp32"},
-                                {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
-                                 "stride_w": "i32", "stride_dz": "i32", "scale": "fp32", "softcap": "fp32",
-                                 "dz_scale": "fp32"},
-                                {**common, "COMPUTE_DB": db, "UPCAST": False, "DOT_PRECISION": prec, **_tile(cfg)},
-                                cfg.num_warps, cfg.num_stages)
+                    for entropy in ((True,) if heavy else (False,)):
+                        compile_one(f"logits_grad {t} bias={bias} softcap={cap} db={db} entropy={entropy} {tag}",
+                                    LG_._logits_grad_kernel,
+                                    {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                                     **{n: "*fp32" for n in ("MAXS", "LOGSUMS", "LPS", "GRAD", "COEF_A", "COEF_B",
+                                                             "MEAN_SHIFT")}, "DZ": f"*{t}", "DB_PART": "*fp32"},
+                                    {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
+                                     "stride_w": "i32", "stride_dz": "i32", "scale": "fp32", "softcap": "fp32",
+                                     "dz_scale": "fp32"},
+                                    {**common, "COMPUTE_DB": db, "ENTROPY": entropy, "UPCAST": False,
+                                     "DOT_PRECISION": prec, **_tile(cfg)},
+                                    cfg.num_warps, cfg.num_stages)
                 if t != "fp16":  # the frozen-head path runs for bf16 and fp32 heads only
-                    compile_one(f"softmax_numerator {t} bias={bias} softcap={cap} {tag}",
-                                SN._softmax_numerator_kernel,
-                                {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
-                                 "REF": "*fp32", "P": f"*{t}", "MAX_PART": "*fp32", "SUM_PART": "*fp32"},
-                                {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
-                                 "stride_w": "i32", "stride_p": "i32", "scale": "fp32", "softcap": "fp32",
-                                 "clamp": "fp32"},
-                                {**common, "UPCAST": False, "DOT_PRECISION": prec, **_tile(cfg)},
-                                cfg.num_warps, cfg.num_stages)
+                    for stats in ((True,) if heavy else (False,)):
+                        compile_one(f"softmax_numerator {t} bias={bias} softcap={cap} stats={stats} {tag}",
+                                    SN._softmax_numerator_kernel,
+                                    {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                                     "REF": "*fp32", "P": f"*{t}",
+                                     **{n: "*fp32" for n in ("MAX_PART", "SUM_PART", "T1_PART", "T2_PART", "ZSUM_PART",
+                                                             "BEFORE_PART", "LABEL_PART")}},
+                                    {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
+                                     "stride_w": "i32", "stride_p": "i32", "scale": "fp32", "softcap": "fp32",
+                                     "clamp": "fp32"},
+                                    {**common, "UPCAST": False, "DOT_PRECISION": prec, "STATS": stats, **_tile(cfg)},
+                                    cfg.num_warps, cfg.num_stages)
             cfg = config.NULL_PASS_CANDIDATES[kind][0]
             g_prec = prec if t == "bf16" else "tf32" if t == "fp16" else "ieee"
             compile_one(f"head_null {t} bias={bias} softcap={cap}", HN._head_null_rows_kernel,
@@ -161,8 +173,8 @@ def loss_kernels():
         for exact in (True, False):
             compile_one(f"loss_grouped pro_scalar exact={exact} K{block_k}xJ{block_j}", LG._pro_scalar_kernel,
                         {"LP": "*fp32", "REF": "*fp32", "R": "*fp32", "ROWS": "*i64", "STARTS": "*i32",
-                         "COUNTS": "*i32", "OUT_GROUP": "*fp32", "OUT": "*fp32"},
-                        {"N": "i32", "beta": "fp32", "alpha": "fp32", "eta": "fp32", "tau": "fp32", "scale": "fp32"},
+                         "COUNTS": "*i32", "ETA": "*fp32", "ALPHA": "*fp32", "OUT_GROUP": "*fp32", "OUT": "*fp32"},
+                        {"N": "i32", "beta": "fp32", "tau": "fp32", "scale": "fp32"},
                         {"EXACT": exact, "BLOCK_K": block_k, "BLOCK_J": block_j},
                         4)
 

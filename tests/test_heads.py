@@ -157,15 +157,16 @@ def test_auxdpo_module_head_penalty(backend):
     S, num_examples = 4, 5
     h, href, w, y, seg = make(S, 7)
     idx = torch.tensor([3, 1])
-    mod = fastpref.AuxDPOLoss(num_examples, beta=0.2, lambda_null=0.7, lambda_amp=0.05, backend=backend)
+    mod = fastpref.AuxDPOLoss(num_examples, beta=0.2, lambda_null=0.7, lambda_amp=0.05, cap=1.5, backend=backend)
     with torch.no_grad():
-        mod.delta.copy_(torch.randn(2 * num_examples, generator=torch.Generator().manual_seed(8)))
+        mod.delta_raw.copy_(torch.randn(2 * num_examples, generator=torch.Generator().manual_seed(8)))
     hl, wl = leaves(h, w)
     loss, metrics = mod(hl, wl, y, seg, example_index=idx, ref_hidden=href, ref_weight=w)
     loss.backward()
 
     h64, w64 = leaves(h.double(), w.double())
-    delta64 = mod.delta.detach().double().requires_grad_()
+    raw64 = mod.delta_raw.detach().double().requires_grad_()
+    delta64 = 1.5 * torch.tanh(raw64)  # delta = cap * tanh(delta_raw)
     dw, dl = delta64[2 * idx], delta64[2 * idx + 1]
     resp = torch.where(seg == 1, 0, seg)
     w_ref = w.double().requires_grad_()
@@ -175,17 +176,34 @@ def test_auxdpo_module_head_penalty(backend):
     rw, rl = ref64(href, w, y, seg)["response"].chunk(2)
     exp, _ = F.auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=0.2, null_penalty=pen, lambda_null=0.7, lambda_amp=0.05)
     exp.backward()
-    compare(loss, exp, [(hl.grad, h64.grad), (wl.grad, w64.grad), (mod.delta.grad, delta64.grad)], tol=1e-4)
+    compare(loss, exp, [(hl.grad, h64.grad), (wl.grad, w64.grad), (mod.delta_raw.grad, raw64.grad)], tol=1e-4)
     assert metrics["auxdpo/null_penalty"] > 0
     untouched = torch.ones(2 * num_examples, dtype=torch.bool)
     untouched[torch.cat([2 * idx, 2 * idx + 1])] = False
-    assert torch.all(mod.delta.grad[untouched] == 0)
+    assert torch.all(mod.delta_raw.grad[untouched] == 0)
+
+
+def test_auxdpo_module_delta_layout_init_and_optimizer_group():
+    """The authors' layout: delta = cap tanh(delta_raw), delta_raw ~ N(0, 1e-3), its own group at lr 5e-3 without
+    weight decay (METHODS.md section 5)."""
+    torch.manual_seed(0)
+    mod = fastpref.AuxDPOLoss(5000)
+    assert mod.delta_raw.shape == (10000,) and mod.delta_raw.requires_grad
+    raw = mod.delta_raw.detach()
+    assert 0.9e-3 < float(raw.std()) < 1.1e-3 and abs(float(raw.mean())) < 1e-4
+    torch.testing.assert_close(mod.delta.detach(), torch.tanh(raw))
+    with torch.no_grad():
+        mod.delta_raw.fill_(50.0)
+    assert float(mod.delta.detach().max()) <= 1.0  # bounded by cap
+    group = mod.optimizer_group()
+    assert group["lr"] == 5e-3 and group["weight_decay"] == 0.0 and group["params"] == [mod.delta_raw]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_drdo_module_reward_head_on_last_response_row(backend):
     S = 4
     h, _, w, y, seg = make(S, 9)
+    y[:, -1], seg[:, -1] = -100, 0  # every last response token has its own hidden row
     oracle = torch.randn(S)
     torch.manual_seed(0)
     mod = fastpref.DRDOLoss(hidden_size=D, alpha=0.3, gamma=2.0, backend=backend)
@@ -196,12 +214,93 @@ def test_drdo_module_reward_head_on_last_response_row(backend):
     h64, w64 = leaves(h.double(), w.double())
     head64 = nn.Linear(D, 1).double()
     head64.load_state_dict(mod.reward_head.state_dict())
-    last = torch.tensor([int(torch.nonzero((seg[i] == 2) & (y[i] != -100)).max()) for i in range(S)])
+    # the row OF the last response token: one after the last scored row (which predicts it)
+    last = torch.tensor([int(torch.nonzero((seg[i] == 2) & (y[i] != -100)).max()) + 1 for i in range(S)])
     rhat = head64(h64[torch.arange(S), last]).squeeze(-1)
     cw, cl = ref64(h64, w64, y, seg)["response"].chunk(2)
     exp, _ = F.drdo_loss(cw, cl, *rhat.chunk(2), *oracle.chunk(2), alpha=0.3, gamma=2.0)
     exp.backward()
     compare(loss, exp, [(hl.grad, h64.grad), (wl.grad, w64.grad), (mod.reward_head.weight.grad, head64.weight.grad)])
+
+
+def test_drdo_rewards_see_the_last_response_token():
+    """Issue 10: two responses that differ only in their last token got identical student rewards (the head read the
+    row predicting that token).  With the row of the token itself, the rewards differ."""
+    torch.manual_seed(1)
+    emb = torch.randn(V, D)
+    ids = torch.randint(0, V, (2, T))
+    ids[1] = ids[0]
+    ids[1, 9] = (ids[0, 9] + 1) % V  # response = tokens 4..9, the last one differs
+    h = torch.cumsum(emb[ids], dim=1)  # a causal "model": row t sees tokens 0..t
+    labels = torch.full((2, T), -100)
+    labels[:, 3:9] = ids[:, 4:10]  # row t predicts token t+1
+    seg = torch.zeros(2, T, dtype=torch.long)
+    seg[:, 3:9] = 2
+    mod = fastpref.DRDOLoss(hidden_size=D, backend="torch")
+    rows = fastpref.heads.base.last_response_rows(labels, seg)
+    assert rows.tolist() == [9, T + 9]
+    rhat = mod.reward_head(h.reshape(-1, D)[rows]).squeeze(-1)
+    assert abs(float((rhat[0] - rhat[1]).detach())) > 1e-4
+    labels[0, -1], seg[0, -1] = 5, 2  # a response labeled on the last row has no hidden row for its last token
+    with pytest.raises(ValueError, match="sequence 0.*reward_hidden"):
+        fastpref.heads.base.last_response_rows(labels, seg)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: fastpref.DPOLoss(beta=-1.0), "DPOLoss: dpo_loss: `beta`"),
+        (lambda: fastpref.DPOLoss(loss_type="dpo"), "DPOLoss: .*unknown loss_type"),
+        (lambda: fastpref.DPOLoss(loss_type="robust", label_smoothing=0.5), "DPOLoss: .*label_smoothing"),
+        (lambda: fastpref.DPOLoss(loss_kwargs={"discopop_tau": 0.0}), "DPOLoss: .*discopop_tau"),
+        (lambda: fastpref.DPOLoss(loss_kwargs={"no_such": 1}), "DPOLoss: .*no_such"),
+        (lambda: fastpref.DPOLoss(backend="cuda"), "DPOLoss: `backend`"),
+        (lambda: fastpref.DPOLoss(logit_scale=0.0), "DPOLoss: `logit_scale`"),
+        (lambda: fastpref.DPOLoss(softcap=float("inf")), "DPOLoss: `softcap`"),
+        (lambda: fastpref.SimPOLoss(gamma=-1.0), "SimPOLoss: .*gamma"),
+        (lambda: fastpref.PROLoss(eta=0.0, alpha=1.0), "PROLoss: .*no optimum"),
+        (lambda: fastpref.PROLoss(feedback="binary", lam=1.0), "PROLoss: .*`lam` must be > 1"),
+        (lambda: fastpref.PROLoss(feedback="scalar", lam=0.2), "PROLoss: .*no optimum"),
+        (lambda: fastpref.PROLoss(feedback="listwise"), "PROLoss: .*feedback"),
+        (lambda: fastpref.PROLoss(hyper_response="approx"), "PROLoss: .*hyper_response"),
+        (lambda: fastpref.DROLoss(beta=0.0), "DROLoss: .*beta"),
+        (lambda: fastpref.TYPOLoss(lam=-1.0), "TYPOLoss: .*lam"),
+        (lambda: fastpref.AuxDPOLoss(3, beta=0.0), "AuxDPOLoss: .*beta"),
+        (lambda: fastpref.AuxDPOLoss(3, lambda_amp=-1.0), "AuxDPOLoss: .*lambda_amp"),
+        (lambda: fastpref.AuxDPOLoss(3, cap=0.0), "AuxDPOLoss: `cap`"),
+        (lambda: fastpref.DRDOLoss(hidden_size=D, gamma=-1.0), "DRDOLoss: .*gamma"),
+    ],
+)
+def test_module_settings_checked_at_construction(build, match):
+    """Issue 9, item 11: a bad setting fails when the module is built, not after two fused passes."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_module_accepts_triton_backend_without_running_a_kernel_at_construction(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU machine building modules for a later CUDA run
+    for build in (lambda: fastpref.DPOLoss(backend="triton"), lambda: fastpref.PROLoss(backend="triton"),
+                  lambda: fastpref.DRDOLoss(hidden_size=D, backend="triton")):
+        build()
+
+
+def test_reference_errors_name_ref_arguments():
+    """Issue 9, item 11: errors about the reference pass name `ref_hidden` / `ref_weight`, not `hidden` / `weight`."""
+    h, href, w, y, seg = make(4, 13)
+    mod = fastpref.DPOLoss()
+    with pytest.raises(ValueError, match="`ref_weight`.*`ref_hidden`"):
+        mod(h, w, y, seg, ref_hidden=href, ref_weight=w[:, :-1])
+    with pytest.raises(TypeError, match="`ref_weight`.*`ref_hidden`"):
+        mod(h, w, y, seg, ref_hidden=href, ref_weight=w.double())
+    with pytest.raises(ValueError, match="`ref_hidden` holds non-finite"):
+        bad = href.clone()
+        bad[0, 0, 0] = float("nan")
+        mod(h, w, y, seg, ref_hidden=bad, ref_weight=w)
+    with pytest.raises(TypeError, match="`ref_hidden` must be a torch.Tensor"):
+        mod(h, w, y, seg, ref_hidden=href.numpy(), ref_weight=w)
+    aux = fastpref.AuxDPOLoss(3)
+    with pytest.raises(ValueError, match="`ref_weight`"):
+        aux(h, w, y, seg, example_index=torch.tensor([0, 1]), ref_hidden=href, ref_weight=w[:-1, :-1])
 
 
 def test_module_errors():

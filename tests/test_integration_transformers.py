@@ -199,9 +199,25 @@ def test_token_logps_and_last_hidden():
     torch.testing.assert_close(tok[:, 1:].double(), (lp * completion[:, 1:]).detach(), rtol=1e-5, atol=1e-6)
     hidden = model.model(ids, attention_mask=attention).last_hidden_state
     last_token = torch.stack([torch.nonzero(row).max() for row in completion])  # last response token t
-    torch.testing.assert_close(out.last_hidden, hidden[torch.arange(len(ids)), last_token - 1])
+    # the hidden state OF that token (its input row), as a reward model reads it; not row t - 1, which predicts it
+    torch.testing.assert_close(out.last_hidden, hidden[torch.arange(len(ids)), last_token])
     out.last_hidden.sum().backward()  # differentiable
     assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
+def test_last_hidden_tells_responses_differing_in_their_last_token_apart():
+    """Issue 10: DRDO's reward head read the row predicting the last response token, so two responses differing only
+    in that token had identical `last_hidden` (difference 0.0).  The row of the token itself differs."""
+    model = patch(_model("llama"), backend="torch")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 40, (1, 9)).repeat(2, 1)
+    ids[1, 7] = ids[0, 7] + 1  # last completion token (position 7; position 8 is padding)
+    attention = torch.ones_like(ids)
+    attention[:, 8] = 0
+    completion = torch.zeros_like(ids)
+    completion[:, 4:8] = 1
+    out = model(ids, attention_mask=attention, completion_mask=completion, logps_only=True)
+    assert float((out.last_hidden[0] - out.last_hidden[1]).detach().abs().max()) > 1e-3
 
 
 def test_head_is_never_called():

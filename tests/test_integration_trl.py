@@ -27,6 +27,7 @@ from fastpref.integrations._hf_utils import find_causal_lm  # noqa: E402
 from fastpref.integrations.transformers import _STATE, is_patched  # noqa: E402
 from fastpref.integrations.trl import FastPrefDPOTrainer  # noqa: E402
 from fastpref.losses import functional as FL  # noqa: E402
+from fastpref.losses import param_null_penalty  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(100)]
 LOSS_TOL = 2e-5  # relative, fp32 rounding (chunked log-softmax sums in another order)
@@ -377,7 +378,7 @@ def _plain_logps(model, batch):
     token = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
     mask = completion[:, 1:].bool() & attention[:, 1:].bool()
     logps = (token * mask).sum(1)
-    last = torch.stack([torch.nonzero(m)[-1, 0] for m in mask])  # row t predicts token t + 1
+    last = torch.stack([torch.nonzero(m)[-1, 0] for m in mask]) + 1  # row t predicts token t + 1: read row t + 1
     return logps, hidden[torch.arange(ids.shape[0]), last], mask.sum(1).float(), logits, hidden
 
 
@@ -393,22 +394,22 @@ def _method_trainer(method, tokenizer, tmp_path, method_kwargs=None, dataset=Non
                               processing_class=tokenizer, method=method, method_kwargs=method_kwargs)
 
 
-def _typo_supported():
-    try:
-        FL.typo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), unsup_logps=None)
-    except (TypeError, ValueError):
-        return False
-    return True
+def test_typo_is_refused_without_reference_samples(tokenizer, tmp_path):
+    """Issue 10: TYPO through FastPrefDPOTrainer silently ran with lam = 0 (DPO data carries no reference samples).
+    It is refused, pointing to TYPOTrainer and the sampling helper; lam = 0 must be asked for explicitly."""
+    with pytest.raises(NotImplementedError, match="TYPOTrainer.*sample_reference_responses"):
+        _method_trainer("typo", tokenizer, tmp_path)
+    with pytest.raises(NotImplementedError, match="TYPOTrainer"):
+        _method_trainer("typo", tokenizer, tmp_path, {"lam": 0.05})
+    trainer = _method_trainer("typo", tokenizer, tmp_path, {"lam": 0.0})
+    assert trainer.fastpref_method_kwargs["lam"] == 0.0
 
 
 @pytest.mark.parametrize("method,kwargs", [
-    ("pro", {}), ("pro", {"eta": 0.2, "hyper_response": "zero"}), ("simpo", {"gamma": 0.3}), ("typo", {}),
-], ids=["pro", "pro-zero", "simpo", "typo"])
+    ("pro", {}), ("pro", {"eta": 0.2, "hyper_response": "zero"}), ("simpo", {"gamma": 0.3}), ("typo", {"lam": 0.0}),
+    ("pro", {"eta": 0.0, "alpha": 1.0, "require_optimum": False}),
+], ids=["pro", "pro-zero", "simpo", "typo", "pro-dpo-identity"])
 def test_pairwise_method_equals_functional(method, kwargs, tokenizer, tmp_path):
-    if method == "typo" and not _typo_supported():
-        with pytest.raises(NotImplementedError, match="unsup_logps=None"):
-            _method_trainer(method, tokenizer, tmp_path, kwargs)
-        pytest.skip("typo_loss does not accept unsup_logps=None yet: the trainer refuses method='typo'")
     trainer = _method_trainer(method, tokenizer, tmp_path, kwargs, label_smoothing=0.1 if method == "simpo" else 0.0)
     batch = _batch(trainer, 4)
     loss = trainer.compute_loss(trainer.model, batch)
@@ -459,12 +460,15 @@ def test_drdo_equals_functional_and_trains_reward_head(tokenizer, tmp_path):
 
 
 def test_auxdpo_equals_functional_and_trains_delta(tokenizer, tmp_path):
-    trainer = _method_trainer("auxdpo", tokenizer, tmp_path, {"lambda_null": 0.7, "lambda_amp": 0.05})
-    delta = trainer.delta
-    assert delta.shape == (16,)  # two offsets per example; the index column was added as the row number
+    trainer = _method_trainer("auxdpo", tokenizer, tmp_path, {"lambda_null": 0.7, "lambda_amp": 0.05, "cap": 2.0})
+    raw = trainer.delta_raw
+    assert raw.shape == (16,)  # two offsets per example; the index column was added as the row number
+    assert 0 < float(raw.detach().abs().max()) < 1e-2  # N(0, 1e-3) init, not zeros
     assert trainer.train_dataset["example_index"] == list(range(8))
     with torch.no_grad():
-        delta.copy_(torch.randn(16, generator=torch.Generator().manual_seed(4)))
+        raw.copy_(torch.randn(16, generator=torch.Generator().manual_seed(4)))
+    delta = trainer.delta
+    torch.testing.assert_close(delta, 2.0 * torch.tanh(raw))  # delta = cap tanh(delta_raw)
     batch = _batch(trainer, 4)
     loss = trainer.compute_loss(trainer.model, batch)
 
@@ -482,9 +486,11 @@ def test_auxdpo_equals_functional_and_trains_delta(tokenizer, tmp_path):
                                  lambda_null=0.7, lambda_amp=0.05)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
-    before = delta.detach().clone()
+    before = raw.detach().clone()
     trainer.train()
-    assert not torch.equal(before, delta.detach())
+    assert not torch.equal(before, raw.detach())
+    group = [g for g in trainer.optimizer.param_groups if any(p is raw for p in g["params"])]
+    assert len(group) == 1 and group[0]["initial_lr"] == 5e-3 and group[0]["weight_decay"] == 0.0  # its own group
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and "auxdpo/null_penalty" in logs[0]
     metrics = trainer.evaluate(_dataset(4, seed=2))  # no index column: evaluation uses delta = 0
@@ -494,11 +500,33 @@ def test_auxdpo_equals_functional_and_trains_delta(tokenizer, tmp_path):
 def test_auxdpo_without_penalty_and_precompute(tokenizer, tmp_path):
     trainer = FastPrefDPOTrainer(model=_model(), args=_config(tmp_path, precompute_ref_log_probs=True),
                                  train_dataset=_dataset(), processing_class=tokenizer, method="auxdpo",
-                                 method_kwargs={"null_penalty": None})
+                                 method_kwargs={"null_penalty": None, "init_std": 0.0})
     trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert len(logs) == 2 and "auxdpo/null_penalty" not in logs[0]
     assert logs[0]["loss"] == pytest.approx(math.log(2), rel=1e-6)  # delta = 0 and policy = reference at step 1
+
+
+def test_auxdpo_all_parameter_null_space_penalty(tokenizer, tmp_path):
+    """null_penalty='params': the authors' form over every reference parameter the policy trains."""
+    trainer = _method_trainer("auxdpo", tokenizer, tmp_path, {"null_penalty": "params", "init_std": 0.5})
+    batch = _batch(trainer, 4)
+    loss = trainer.compute_loss(trainer.model, batch)
+    ref = _model().double()  # the reference's weights (the trainer's is a frozen copy of _model()), unpatched
+    params = list(ref.parameters())
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    mask = batch["completion_mask"][:, 1:].bool() & attn[:, 1:].bool()
+
+    def ref_logps():
+        logits = ref(input_ids=ids, attention_mask=attn).logits
+        return (torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * mask).sum(-1)
+
+    index = batch["example_index"]
+    delta = trainer.delta.detach().double()
+    want = param_null_penalty(ref_logps, params, torch.cat([delta[2 * index], delta[2 * index + 1]]))
+    assert trainer._metrics["train"]["auxdpo/null_penalty"][-1] == pytest.approx(float(want), rel=1e-4)
+    loss.backward()
+    assert trainer.delta_raw.grad is not None and trainer.delta_raw.grad.abs().sum() > 0
 
 
 def test_pro_with_lora(tokenizer, tmp_path):
@@ -527,7 +555,10 @@ def test_pro_with_lora(tokenizer, tmp_path):
     ({"use_weighting": True}, {}, NotImplementedError, "use_weighting"),
     ({}, {"method": "drdo"}, ValueError, "oracle_chosen"),
     ({"precompute_ref_log_probs": True}, {"method": "auxdpo"}, ValueError, "null_penalty"),
-    ({}, {"method": "auxdpo", "method_kwargs": {"null_penalty": "params"}}, ValueError, "null_penalty"),
+    ({}, {"method": "auxdpo", "method_kwargs": {"null_penalty": "all"}}, ValueError, "null_penalty"),
+    ({}, {"method": "auxdpo", "method_kwargs": {"cap": 0.0}}, ValueError, "cap"),
+    ({}, {"method": "auxdpo", "method_kwargs": {"delta_learning_rate": -1.0}}, ValueError, "delta_learning_rate"),
+    ({}, {"method": "pro", "method_kwargs": {"eta": 0.0, "alpha": 1.0}}, ValueError, "no optimum"),
     ({}, {"method": "drdo", "method_kwargs": {"reward_head": 3}}, TypeError, "reward_head"),
 ])
 def test_bad_configuration_raises_at_construction(config, trainer_kwargs, error, match, tokenizer, tmp_path):

@@ -92,6 +92,7 @@ def ref_dpo(cw, cl, rw, rl, *, beta, loss_type, ls=0.0, n_w=None, n_l=None, tau=
 
 
 def ref_pro_group(lp, rlp, *, beta, alpha, eta, muhat_shat, exact):
+    """(exact: 'log(1 - sum pi)' naively, valid away from a total probability of 1.)"""
     """One PRO group: - sum_k muhat_k shat_k r_k + alpha/2 sum_{i,j in labeled + h} nu_i nu_j f(r_i - r_j)."""
     K = len(lp)
     r = [beta * (lp[k] - rlp[k]) for k in range(K)]
@@ -116,13 +117,16 @@ def ref_pro_pairwise(lp, rlp, *, beta, alpha, eta, exact):
     ])
 
 
-def ref_pro_scalar(lp, rlp, R, gid, *, beta, alpha, eta, tau, exact):
+def ref_pro_scalar(lp, rlp, R, gid, *, beta, alpha, eta, tau, exact, lam=2.0):
+    """eta None: 1/(K+1) per group; alpha None: lam / (eta (1 - eta)) (PRO-S's defaults, METHODS.md)."""
     out = []
     for g in sorted(set(gid.tolist())):
         idx = [i for i in range(len(gid)) if gid[i] == g]
         K = len(idx)
+        e = 1 / (K + 1) if eta is None else eta
+        a = lam / (e * (1 - e)) if alpha is None else alpha
         shat = [sum(_sig((R[k] - R[j]) / tau) for j in idx) / K - 0.5 for k in idx]
-        out.append(ref_pro_group([lp[i] for i in idx], [rlp[i] for i in idx], beta=beta, alpha=alpha, eta=eta,
+        out.append(ref_pro_group([lp[i] for i in idx], [rlp[i] for i in idx], beta=beta, alpha=a, eta=e,
                                  muhat_shat=[s / K for s in shat], exact=exact))
     return _mean(out)
 
@@ -341,19 +345,21 @@ def test_nca_pairwise_is_trl_nca_pair_and_infonca_is_dpo():
 
 @DTYPES
 @pytest.mark.parametrize("hyper_response", ["exact", "zero"])
-@pytest.mark.parametrize("eta,alpha", [(0.1, None), (0.3, 2.5), (0.0, 1.0)])
+@pytest.mark.parametrize("eta,alpha", [(None, None), (0.1, None), (0.3, 2.5), (0.0, 1.0)])
 def test_pro_pairwise_vs_reference(eta, alpha, hyper_response, dtype):
     g = torch.Generator().manual_seed(7)
     B, beta = 6, 0.5
     lp = _logps(g, 2 * B, lo=1.5, hi=6.0)  # high-probability responses: the hyper response matters
     ref_lp = _logps(g, 2 * B, lo=1.5, hi=6.0)
-    a = 1 / (1 - eta) ** 2 if alpha is None else alpha
+    e = 1 / 3 if eta is None else eta  # the seed's default: nu uniform over {y_w, y_l, h}
+    a = 1 / (1 - e) ** 2 if alpha is None else alpha
 
     def ref(lp, ref_lp):
-        return ref_pro_pairwise(lp, ref_lp, beta=beta, alpha=a, eta=eta, exact=hyper_response == "exact")
+        return ref_pro_pairwise(lp, ref_lp, beta=beta, alpha=a, eta=e, exact=hyper_response == "exact")
 
     def impl(lp, ref_lp):
-        return FL.pro_loss(lp, ref_lp, beta=beta, alpha=alpha, eta=eta, hyper_response=hyper_response)
+        return FL.pro_loss(lp, ref_lp, beta=beta, alpha=alpha, eta=eta, hyper_response=hyper_response,
+                           require_optimum=eta != 0.0)
 
     metrics = _check(impl, ref, dict(lp=lp, ref_lp=ref_lp), {"lp"}, dtype)
     assert set(metrics) >= {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -362,17 +368,18 @@ def test_pro_pairwise_vs_reference(eta, alpha, hyper_response, dtype):
 
 @DTYPES
 @pytest.mark.parametrize("hyper_response", ["exact", "zero"])
-def test_pro_scalar_vs_reference(hyper_response, dtype):
+@pytest.mark.parametrize("eta,alpha,lam", [(0.2, 2.0, 2.0), (None, None, 2.0), (None, None, 0.7), (0.25, None, 3.0)])
+def test_pro_scalar_vs_reference(hyper_response, eta, alpha, lam, dtype):
     g = torch.Generator().manual_seed(8)
     gid = torch.tensor([5, 2, 5, 2, 9, 9, 9, 5, 9, 5])  # interleaved groups, K = 4, 2, 4
-    N, beta, eta, alpha, tau = len(gid), 0.4, 0.2, 2.0, 0.7
+    N, beta, tau = len(gid), 0.4, 0.7
     def ref(lp, ref_lp, R):
-        return ref_pro_scalar(lp, ref_lp, R, gid, beta=beta, alpha=alpha, eta=eta, tau=tau,
+        return ref_pro_scalar(lp, ref_lp, R, gid, beta=beta, alpha=alpha, eta=eta, tau=tau, lam=lam,
                               exact=hyper_response == "exact")
 
     def impl(lp, ref_lp, R):
         return FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid, beta=beta, alpha=alpha,
-                           eta=eta, tau=tau, hyper_response=hyper_response)
+                           eta=eta, tau=tau, lam=lam, hyper_response=hyper_response)
 
     inputs = dict(lp=_logps(g, N, lo=2.0, hi=6.0), ref_lp=_logps(g, N, lo=2.0, hi=6.0),
                   R=3 * torch.randn(N, generator=g, dtype=F64))
@@ -405,7 +412,7 @@ def test_pro_pairwise_eta0_alpha1_times4_is_dpo():
         rw, rl = (cw + torch.randn(B, generator=g, dtype=F64).to(dtype)), (cl + torch.randn(B, generator=g, dtype=F64).to(dtype))
         for beta in (0.1, 1.0):
             lp = torch.cat([cw, cl]).requires_grad_(True)
-            pro, _ = FL.pro_loss(lp, torch.cat([rw, rl]), beta=beta, eta=0.0, alpha=1.0)
+            pro, _ = FL.pro_loss(lp, torch.cat([rw, rl]), beta=beta, eta=0.0, alpha=1.0, require_optimum=False)
             (g_pro,) = torch.autograd.grad(pro, lp)
             lp2 = torch.cat([cw, cl]).requires_grad_(True)
             dpo, _ = FL.dpo_loss(lp2[:B], lp2[B:], rw, rl, beta=beta)
@@ -436,25 +443,103 @@ def test_pro_exact_hyper_response_tends_to_zero_mode():
 
 
 def test_pro_existence_conditions():
+    """METHODS.md: PRO-P has an optimum iff alpha (1 - eta^2) > 1 (the seed's alpha (1 - eta)^2 >= 1 is only
+    sufficient); PRO-S iff alpha (1 - eta)(K - 1 + eta) > K - 1; PRO-B iff lam > 1."""
     g = torch.Generator().manual_seed(12)
     lp, ref_lp = _logps(g, 8), _logps(g, 8)
-    FL.pro_loss(lp, ref_lp)  # defaults satisfy alpha (1 - eta)^2 >= 1 (at equality)
-    FL.pro_loss(lp, ref_lp, eta=0.2, alpha=1 / 0.64)
-    FL.pro_loss(lp, ref_lp, eta=0.5)  # alpha=None follows eta
-    for eta, alpha in [(0.2, 1.5), (0.0, 0.99), (0.5, 3.9)]:
+    FL.pro_loss(lp, ref_lp)  # defaults eta = 1/3, alpha = 2.25: alpha (1 - eta^2) = 2
+    for eta, alpha in [(0.2, 1.1), (1 / 3, 1.2), (0.2, 1 / 0.64), (0.5, None)]:  # optima the old check refused
+        FL.pro_loss(lp, ref_lp, eta=eta, alpha=alpha)
+    for eta, alpha in [(0.0, 1.0), (0.0, 0.99), (0.5, 1.3), (0.2, 1 / 0.96)]:
         with pytest.raises(ValueError, match="no optimum"):
             FL.pro_loss(lp, ref_lp, eta=eta, alpha=alpha)
-        with pytest.raises(ValueError, match="no optimum"):
-            FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=torch.randn(8, dtype=F64),
-                        group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 2, 2]), eta=eta, alpha=alpha)
+    FL.pro_loss(lp, ref_lp, eta=0.0, alpha=1.0, require_optimum=False)  # the DPO identity's explicit opt-out
+    gid = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])  # K = 2, 2, 4
+    R = torch.randn(8, dtype=F64)
+    FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid)  # eta = 1/(K+1), alpha from lam = 2
+    FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid, lam=0.26)  # > (K-1)/K^2: 1/4 at K=2
+    FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=torch.tensor([0] * 4 + [1] * 4),
+                lam=0.19)  # K = 4 only: (K-1)/K^2 = 3/16
+    with pytest.raises(ValueError, match="no optimum for group 0 \\(K=2\\)"):
+        FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid, lam=0.25)  # = (K-1)/K^2 at K=2
+    # K=4: alpha (1 - eta)(3 + eta) > 3; at eta = 0.2: alpha > 3 / (0.8 * 3.2) = 1.171875
+    FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid, eta=0.2, alpha=1.18)
+    with pytest.raises(ValueError, match="no optimum for group 2 \\(K=4\\)"):
+        FL.pro_loss(lp, ref_lp, feedback="scalar", rewards=R, group_ids=gid, eta=0.2, alpha=1.17)
     with pytest.raises(ValueError, match="`eta`"):
         FL.pro_loss(lp, ref_lp, eta=1.0)
     labels = torch.tensor([1, 0] * 4)
     FL.pro_loss(lp, ref_lp, feedback="binary", labels=labels)  # default lam = 2 > 1
     FL.pro_loss(lp, ref_lp, feedback="binary", labels=labels, lam=1.001)
     for lam in (1.0, 0.5, -2.0):
-        with pytest.raises(ValueError, match="`lam` must be > 1"):
+        with pytest.raises(ValueError, match="`lam` must be > 1|`lam` must be > 0"):
             FL.pro_loss(lp, ref_lp, feedback="binary", labels=labels, lam=lam)
+
+
+def _pro_p_slope(eta, alpha, t):
+    """d(4 L)/d|r_l| of one PRO-P group (exact hyper response) at r_l = -t, by autograd in float64."""
+    lp = torch.tensor([-0.5, -0.7 - t], dtype=F64, requires_grad=True)
+    loss, _ = FL.pro_loss(lp, torch.tensor([-0.7, -0.7], dtype=F64), beta=1.0, eta=eta, alpha=alpha,
+                          require_optimum=False)
+    (grad,) = torch.autograd.grad(loss, lp)
+    return -float(grad[1])
+
+
+def test_pro_pairwise_asymptotic_slope_is_the_existence_condition():
+    """The slope of 4 L as the rejected response's probability goes to 0 is (alpha (1 - eta^2) - 1) / 2."""
+    for eta, alpha in [(0.2, 1.1), (1 / 3, 1.2), (0.0, 1.0), (0.1, 0.9), (1 / 3, 2.25)]:
+        slope = _pro_p_slope(eta, alpha, 200.0)
+        assert slope == pytest.approx((alpha * (1 - eta**2) - 1) / 2, abs=1e-12), (eta, alpha)
+
+
+def test_pro_pairwise_default_is_dpo_plus_proximal_term():
+    """eta = 1/3, alpha = 1/(1-eta)^2: 4 PRO-P = DPO + f(r_w - r_h) + f(r_l - r_h) + const (c = 2 eta/(1-eta) = 1)."""
+    g = torch.Generator().manual_seed(31)
+    B, beta = 5, 0.3
+    cw, cl, rw, rl = (_logps(g, B, lo=0.5, hi=5.0) for _ in range(4))
+    lp = torch.cat([cw, cl])
+    pro, _ = FL.pro_loss(lp, torch.cat([rw, rl]), beta=beta)
+    dpo, _ = FL.dpo_loss(cw, cl, rw, rl, beta=beta)
+    r_w, r_l = beta * (cw - rw), beta * (cl - rl)
+    r_h = beta * (torch.log(1 - torch.exp(cw) - torch.exp(cl)) - torch.log(1 - torch.exp(rw) - torch.exp(rl)))
+    alpha, eta, nu = 2.25, 1 / 3, 1 / 3
+    const = 2 * alpha * (2 * nu**2 + eta**2) * math.log(2)  # 4 * alpha/2 * the diagonal f(0) terms
+    want = dpo + (_f(r_w - r_h) + _f(r_l - r_h)).mean() + const
+    torch.testing.assert_close(pro, want, **TOL64)
+
+
+def test_pro_log_prob_of_zero_or_subnormal_is_finite_and_continuous():
+    """Issue 9: a log-prob of exactly 0 (or -1e-40) must not stop PRO 'exact': finite loss and gradient, and the
+    function is continuous into that region (safe_log1mexp's linear continuation above -2^-24)."""
+    for dtype in (F64, torch.float32):
+        for c0 in (0.0, -1e-40, -1e-9, -3e-8):
+            lp = torch.tensor([c0, -0.3, -30.0, -40.0], dtype=dtype, requires_grad=True)  # pairs (c0, -30), (-0.3, -40)
+            ref = torch.tensor([-0.1, -0.2, -3.0, -4.0], dtype=dtype)
+            for feedback, extra in [("pairwise", {}), ("binary", {"labels": torch.tensor([1, 1, 0, 0])}),
+                                    ("scalar", {"rewards": torch.tensor([1.0, 0.5, -1.0, 0.0], dtype=dtype),
+                                                "group_ids": torch.tensor([0, 1, 0, 1])})]:
+                loss, m = FL.pro_loss(lp, ref, feedback=feedback, **extra)
+                (grad,) = torch.autograd.grad(loss, lp)
+                assert torch.isfinite(loss) and torch.isfinite(grad).all(), (dtype, c0, feedback, loss, grad)
+                assert torch.isfinite(m["logps/hyper"]) and float(m["logps/hyper"]) >= -18.0
+    # continuity at the switch point -2^-24 (value and slope)
+    eps = 2.0**-24
+    vals = []
+    for c0 in (-eps * (1 + 1e-9), -eps * (1 - 1e-9)):
+        lp = torch.tensor([c0, -30.0], dtype=F64, requires_grad=True)
+        loss, _ = FL.pro_loss(lp, torch.tensor([-0.1, -30.0], dtype=F64))
+        vals.append((float(loss.detach()), float(torch.autograd.grad(loss, lp)[0][0])))
+    assert vals[0][0] == pytest.approx(vals[1][0], rel=1e-9) and vals[0][1] == pytest.approx(vals[1][1], rel=1e-6)
+
+
+def test_pro_group_mass_above_one_still_raises():
+    with pytest.raises(ValueError, match="total probability"):
+        FL.pro_loss(torch.tensor([-0.1, -0.2]), torch.tensor([-3.0, -3.0]))
+    with pytest.raises(ValueError, match="logps.*<= 0"):
+        FL.pro_loss(torch.tensor([1e-3, -5.0]), torch.tensor([-3.0, -3.0]))
+    # rounding: a chosen log-prob of 0 with a rejected one of -20 is total probability 1 + 2e-9: accepted
+    loss, _ = FL.pro_loss(torch.tensor([0.0, -20.0]), torch.tensor([-3.0, -3.0]))
+    assert torch.isfinite(loss)
 
 
 def test_pro_binary_stationary_point():
@@ -467,6 +552,29 @@ def test_pro_binary_stationary_point():
                               beta=beta, lam=lam, hyper_response="zero")
         (grad,) = torch.autograd.grad(loss, lp)
         assert abs(float(grad)) < 1e-12
+
+
+def test_pro_binary_stationary_point_exact_hyper_response():
+    """With the exact hyper response the stationary point is sigma(r_y - r_h) = 1/2 + (1 - pi_y)(z - 1/2)/lam."""
+    lam, beta, ref = 1.6, 0.7, torch.tensor([-1.2], dtype=F64)
+    for z in (1, 0):
+        def grad_at(logp):
+            lp = torch.tensor([logp], dtype=F64, requires_grad=True)
+            loss, _ = FL.pro_loss(lp, ref, feedback="binary", labels=torch.tensor([z]), beta=beta, lam=lam)
+            return float(torch.autograd.grad(loss, lp)[0])
+
+        lo, hi = -30.0, -1e-6  # bisection on the gradient (monotone here)
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if (grad_at(mid) > 0) == (grad_at(lo) > 0):
+                lo = mid
+            else:
+                hi = mid
+        lp = torch.tensor(lo, dtype=F64)
+        pi = torch.exp(lp)
+        x = beta * (lp - ref[0]) - beta * (torch.log1p(-pi) - torch.log1p(-torch.exp(ref[0])))
+        assert float(torch.sigmoid(x)) == pytest.approx(0.5 + float(1 - pi) * (z - 0.5) / lam, abs=1e-9)
+        assert float(torch.sigmoid(x)) != pytest.approx(0.5 + (z - 0.5) / lam, abs=1e-3)  # not the 'zero' point
 
 
 # ------------------------------------------------------------------------------------------- DRO, TYPO, AuxDPO, DRDO
@@ -523,8 +631,8 @@ def test_auxdpo_vs_reference(with_null, dtype):
 
     def ref(cw, cl, rw, rl, dw, dl, pen):
         dpo = _mean([-_logsig(beta * ((cw[i] - rw[i]) - (cl[i] - rl[i]) + dw[i] - dl[i])) for i in range(B)])
-        amp = sum(dw[i] ** 2 + dl[i] ** 2 for i in range(B))
-        return dpo + (lnull * pen if with_null else 0.0) + lamp * amp
+        amp = _mean([dw[i] ** 2 for i in range(B)]) + _mean([dl[i] ** 2 for i in range(B)])
+        return dpo + (lnull * pen if with_null else 0.0) - lamp / 2 * amp  # anti-collapse (METHODS.md section 5)
 
     def impl(cw, cl, rw, rl, dw, dl, pen):
         return FL.auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=beta, null_penalty=pen if with_null else None,
@@ -666,7 +774,7 @@ LP = _t(-1.0, -2.0, -3.0)
         (lambda: FL.pro_loss(LP, LP, feedback="binary", labels=torch.tensor([1, 0, -1])), ValueError, "labels"),
         (lambda: FL.pro_loss(LP, LP, feedback="binary", labels=torch.tensor([1, 0, 1]), lam=1.0), ValueError, "lam"),
         (lambda: FL.pro_loss(_t(-1, 0.5, -2), LP, feedback="binary", labels=torch.tensor([1, 0, 1])), ValueError,
-         "logps.*< 0"),
+         "logps.*<= 0"),
         (lambda: FL.pro_loss(_t(-0.1, -0.2), _t(-3, -3)), ValueError, "logps.*total probability"),
         (lambda: FL.pro_loss(_t(-3, -3), _t(-1e-3, -3)), ValueError, "ref_logps.*total probability"),
         (lambda: FL.pro_loss(_t(-3, -3), _t(-3, -3), eta=0.5, alpha=1.0), ValueError, "no optimum"),
@@ -681,13 +789,111 @@ LP = _t(-1.0, -2.0, -3.0)
         (lambda: FL.auxdpo_loss(LP, LP, LP, LP, LP, LP, beta=0.1, null_penalty=_t(-1.0)), ValueError, "null_penalty"),
         (lambda: FL.auxdpo_loss(LP, LP, LP, LP, LP, LP, beta=0.1, null_penalty=LP), ValueError, "null_penalty"),
         (lambda: FL.drdo_loss(LP, LP, LP, LP, LP, LP, gamma=-1.0), ValueError, "gamma"),
-        (lambda: FL.drdo_loss(LP, _t(-1, 0.0, -2), LP, LP, LP, LP), ValueError, "rejected_logps.*< 0"),
+        (lambda: FL.drdo_loss(LP, _t(-1, 0.5, -2), LP, LP, LP, LP), ValueError, "rejected_logps.*<= 0"),
+        (lambda: FL.dpo_loss(LP, LP, LP, LP, wpo_weights=_t(1.0, -0.5, 1.0)), ValueError, "wpo_weights.*>= 0"),
         (lambda: FL.drdo_oracle_loss(LP, LP, LP, a=1.5), ValueError, "`a`"),
     ],
 )
 def test_bad_inputs_raise(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_discopop_is_finite_where_the_exponential_term_overflows():
+    """Issue 9: at beta * margin = -90, DiscoPOP is softplus(90) = 90 (its e^-z term is e^90 * sigma(-1800) ~ e^-1710);
+    TRL's expression gives NaN (inf * 0).  Gradient: -sigma(90) * beta per unit of margin."""
+    for dtype in (torch.float32, F64):
+        cw = torch.tensor([-100.0, -10.0], dtype=dtype, requires_grad=True)
+        zeros = torch.zeros(2, dtype=dtype)
+        cl = torch.tensor([-10.0, -12.0], dtype=dtype)
+        loss, _ = FL.dpo_loss(cw, cl, zeros, zeros, beta=1.0, loss_type="discopop")  # z = -90 and z = 2
+        (g,) = torch.autograd.grad(loss, cw)
+        z2 = torch.tensor(2.0, dtype=F64)
+        m2 = torch.sigmoid(z2 / 0.05)
+        want = (90.0 + float(-(1 - m2) * torch.nn.functional.logsigmoid(z2) + m2 * torch.exp(-z2))) / 2
+        assert float(loss.detach()) == pytest.approx(want, rel=1e-6)
+        assert torch.isfinite(g).all() and float(g[0]) == pytest.approx(-0.5, rel=1e-6)
+
+
+def test_f_divergence_scores_beyond_float32_raise_with_the_reason():
+    """Issue 9: forward_kl's 1 - e^{-rho} exceeds fp32 for rho < -88.7: documented ValueError, not inf/NaN;
+    float64 inputs are finite there; alpha_divergence's clamped exponent keeps it finite (TRL's clamp)."""
+    cw, cl = torch.tensor([-100.0, -5.0]), torch.tensor([-3.0, -6.0])
+    rw = rl = torch.zeros(2)
+    with pytest.raises(ValueError, match="forward_kl.*100.*float64"):
+        FL.dpo_loss(cw, cl, rw, rl, f_divergence_type="forward_kl")
+    loss64, _ = FL.dpo_loss(cw.double(), cl.double(), rw.double(), rl.double(), f_divergence_type="forward_kl")
+    assert torch.isfinite(loss64)
+    ok, _ = FL.dpo_loss(torch.tensor([-80.0, -5.0]), cl, rw, rl, f_divergence_type="forward_kl")  # in range
+    assert torch.isfinite(ok)
+    loss, _ = FL.dpo_loss(torch.tensor([-1000.0, -5.0]), cl, rw, rl, f_divergence_type="alpha_divergence")
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="alpha_divergence"):
+        FL.dpo_loss(torch.tensor([-1e6, -5.0]), cl, rw, rl, f_divergence_type="alpha_divergence",
+                    f_alpha_divergence_coef=1 - 1e-4)  # e^80 / 1e-4 > 3.4e38
+
+
+def test_infonca_groups_of_different_sizes_give_finite_reward_gradients():
+    """Issue 9: the -inf padding of smaller groups made 0 * -inf = NaN in the gradient to `rewards`."""
+    g = torch.Generator().manual_seed(42)
+    gid = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    lp, ref = _logps(g, 9), _logps(g, 9)
+    R = torch.randn(9, generator=g, dtype=F64).requires_grad_(True)
+    lp_ = lp.clone().requires_grad_(True)
+    loss, _ = FL.nca_loss(lp_, ref, R, gid, loss_type="infonca", alpha=0.5)
+    g_lp, g_R = torch.autograd.grad(loss, [lp_, R])
+    assert torch.isfinite(g_R).all() and torch.isfinite(g_lp).all()
+    # against a per-group float64 reference
+    R2, lp2 = R.detach().clone().requires_grad_(True), lp.clone().requires_grad_(True)
+    terms = []
+    for k in range(3):
+        idx = (gid == k).nonzero().squeeze(1)
+        q = torch.softmax(R2[idx] / 0.5, 0)
+        terms.append(-(q * torch.log_softmax(0.1 * (lp2[idx] - ref[idx]), 0)).sum())
+    want = sum(terms) / 3
+    w_lp, w_R = torch.autograd.grad(want, [lp2, R2])
+    torch.testing.assert_close(loss, want, **TOL64)
+    torch.testing.assert_close(g_R, w_R, **TOL64)
+    torch.testing.assert_close(g_lp, w_lp, **TOL64)
+
+
+def test_drdo_oracle_rewards_are_detached_and_log_prob_zero_is_finite():
+    g = torch.Generator().manual_seed(43)
+    B = 4
+    cw, cl = _logps(g, B).requires_grad_(True), _logps(g, B)
+    cl[0] = 0.0  # a rejected response the model is certain of (rounded to exactly 0)
+    cl[1] = -1e-40
+    cl.requires_grad_(True)
+    hw, hl = torch.randn(B, dtype=F64, requires_grad=True), torch.randn(B, dtype=F64, requires_grad=True)
+    ow, ol = torch.randn(B, dtype=F64, requires_grad=True), torch.randn(B, dtype=F64, requires_grad=True)
+    loss, _ = FL.drdo_loss(cw, cl, hw, hl, ow, ol)
+    grads = torch.autograd.grad(loss, [cw, cl, hw, hl, ow, ol], allow_unused=True)
+    assert grads[4] is None and grads[5] is None  # oracle rewards are data
+    assert torch.isfinite(loss) and all(torch.isfinite(x).all() for x in grads[:4])
+
+
+def test_drdo_oracle_default_a_is_the_seeds():
+    import inspect
+    assert inspect.signature(FL.drdo_oracle_loss).parameters["a"].default == 0.01
+
+
+def test_auxdpo_amplitude_term_is_anti_collapse_and_a_batch_mean():
+    """METHODS.md section 5: -lambda_amp/2 (mean delta_w^2 + mean delta_l^2): its gradient pushes delta away from 0,
+    and duplicating the batch changes nothing (a mean, not a sum over rows)."""
+    g = torch.Generator().manual_seed(44)
+    B = 5
+    cw, cl, rw, rl = (_logps(g, B) for _ in range(4))
+    dw = (0.1 * torch.randn(B, generator=g, dtype=F64)).requires_grad_(True)
+    dl = (0.1 * torch.randn(B, generator=g, dtype=F64)).requires_grad_(True)
+    lamp = 0.5
+    full, _ = FL.auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=0.1, lambda_amp=lamp)
+    base, _ = FL.auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=0.1, lambda_amp=0.0)
+    gw, gl = torch.autograd.grad(full - base, [dw, dl])
+    torch.testing.assert_close(gw, -lamp * dw.detach() / B, **TOL64)  # d/d delta of -lamp/2 mean(delta^2)
+    torch.testing.assert_close(gl, -lamp * dl.detach() / B, **TOL64)
+    two, _ = FL.auxdpo_loss(*(torch.cat([x, x]) for x in (cw, cl, rw, rl, dw.detach(), dl.detach())), beta=0.1,
+                            lambda_amp=lamp)
+    torch.testing.assert_close(two, full.detach(), **TOL64)
 
 
 def test_typo_without_unsup_rows_is_the_supervised_term_alone():

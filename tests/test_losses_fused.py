@@ -216,7 +216,8 @@ def test_drdo(gamma, device, launches):
     def fn(cw, cl, hw, hl, ow, ol, backend):
         return FL.drdo_loss(cw, cl, hw, hl, ow, ol, alpha=0.1, gamma=gamma, backend=backend)
 
-    _compare(launches, fn, inputs, set(inputs))
+    _, grads = _compare(launches, fn, inputs, set(inputs))
+    assert float(grads["ow"].abs().max()) == 0.0 == float(grads["ol"].abs().max())  # oracle rewards are data
 
 
 # ---------------------------------------------------------------------------------------------------------- PRO
@@ -235,7 +236,8 @@ def test_pro_pairwise(hyper, eta, alpha, device, launches):
                                                                                        ref2[B:]]))
 
     def fn(lp, ref, backend):
-        return FL.pro_loss(lp, ref, beta=0.5, eta=eta, alpha=alpha, hyper_response=hyper, backend=backend)
+        return FL.pro_loss(lp, ref, beta=0.5, eta=eta, alpha=alpha, hyper_response=hyper, backend=backend,
+                           require_optimum=eta != 0.0)
 
     _compare(launches, fn, inputs, {"lp"})
 
@@ -255,7 +257,8 @@ def test_pro_binary(hyper, device, launches):
 
 
 @pytest.mark.parametrize("hyper", ["exact", "zero"])
-def test_pro_scalar_groups_of_different_sizes(hyper, device, launches):
+@pytest.mark.parametrize("eta", [0.2, None])
+def test_pro_scalar_groups_of_different_sizes(hyper, eta, device, launches):
     g = torch.Generator().manual_seed(18)
     sizes = [2, 5, 3, 17, 2, 9]  # BLOCK_K = 32: every group masks lanes
     gid = torch.cat([torch.full((k,), 10 * i + 3) for i, k in enumerate(sizes)])
@@ -266,8 +269,8 @@ def test_pro_scalar_groups_of_different_sizes(hyper, device, launches):
                   R=torch.randn(N, generator=g).to(device))
 
     def fn(lp, ref, R, backend):
-        return FL.pro_loss(lp, ref, feedback="scalar", rewards=R, group_ids=gid, beta=0.5, eta=0.2, tau=0.7,
-                           hyper_response=hyper, backend=backend)
+        return FL.pro_loss(lp, ref, feedback="scalar", rewards=R, group_ids=gid, beta=0.5, eta=eta, tau=0.7,
+                           hyper_response=hyper, backend=backend)  # eta None: 1/(K+1) per group
 
     _compare(launches, fn, inputs, {"lp", "R"})
 
@@ -359,6 +362,54 @@ def test_fp32_stability_extreme_logps_match_float64(name, device, launches):
     torch.testing.assert_close(g.double(), g64, rtol=1e-4, atol=1e-6)
 
 
+def _zero_logp_cases():
+    """Issue 9: log-probs of exactly 0 and subnormal ones (each pair/group keeps total probability <= 1)."""
+    lp = torch.tensor([0.0, -1e-40, -3e-8, -0.5, -30.0, -28.0, -25.0, -2.0])  # pairs (0, -30), (-1e-40, -28), ...
+    ref = torch.tensor([-1e-40, 0.0, -0.2, -1.0, -9.0, -8.0, -7.0, -6.0])
+    return lp, ref, {
+        "pro_pairwise": lambda lp, ref, b: FL.pro_loss(lp, ref, beta=0.5, backend=b),
+        "pro_binary": lambda lp, ref, b: FL.pro_loss(lp, ref, feedback="binary", beta=0.5, backend=b,
+                                                     labels=torch.tensor([1, 0, 1, 0, 1, 0, 1, 0], device=lp.device)),
+        "pro_scalar": lambda lp, ref, b: FL.pro_loss(lp, ref, feedback="scalar", beta=0.5, backend=b,
+                                                     rewards=torch.linspace(-1, 1, 8, device=lp.device),
+                                                     group_ids=torch.tensor([0, 1, 2, 3] * 2, device=lp.device)),
+        "drdo": lambda lp, ref, b: FL.drdo_loss(ref[:4], lp[:4], lp[4:] * 0.01, ref[4:] * 0.01,
+                                                torch.ones(4, device=lp.device), torch.zeros(4, device=lp.device),
+                                                backend=b),
+    }
+
+
+@pytest.mark.parametrize("name", list(_zero_logp_cases()[2]))
+def test_log_prob_zero_and_subnormal_finite_and_backends_agree(name, device, launches):
+    lp, ref, cases = _zero_logp_cases()
+    fn = cases[name]
+    out = {}
+    for backend in ("triton", "torch"):
+        x = lp.to(device).clone().requires_grad_(True)
+        loss, _ = fn(x, ref.to(device), backend)
+        (g,) = torch.autograd.grad(loss, x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), (backend, loss, g)
+        out[backend] = (loss.detach().double(), g.double())
+    x64 = lp.double().to(device).requires_grad_(True)  # and float64, the same function (safe_log1mexp's constants)
+    loss64, _ = fn(x64, ref.double().to(device), "torch")
+    (g64,) = torch.autograd.grad(loss64, x64)
+    for backend, (loss, g) in out.items():
+        torch.testing.assert_close(loss, loss64.detach(), rtol=1e-5, atol=1e-6, msg=backend)
+        torch.testing.assert_close(g, g64, rtol=1e-4, atol=1e-3, msg=backend)
+
+
+def test_discopop_margin_minus_90_finite_on_both_backends(device, launches):
+    cw = torch.tensor([-100.0, -10.0], device=device)
+    cl = torch.tensor([-10.0, -12.0], device=device)
+    zeros = torch.zeros(2, device=device)
+    for backend in ("triton", "torch"):
+        x = cw.clone().requires_grad_(True)
+        loss, _ = FL.dpo_loss(x, cl, zeros, zeros, beta=1.0, loss_type="discopop", backend=backend)
+        (g,) = torch.autograd.grad(loss, x)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), backend
+        assert float(g[0]) == pytest.approx(-0.5, rel=1e-5)  # -sigma(90) / 2
+
+
 @triton.jit
 def _helpers_kernel(X, OUT, N, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
@@ -372,6 +423,37 @@ def _helpers_kernel(X, OUT, N, BLOCK: tl.constexpr):
     tl.store(OUT + 5 * N + offs, scalar_math.log_sigmoid(x), mask=m)
     tl.store(OUT + 6 * N + offs, scalar_math.sigmoid(x), mask=m)
     tl.store(OUT + 7 * N + offs, scalar_math.expm1(-x * 1e-4), mask=m)
+
+
+@triton.jit
+def _safe_helpers_kernel(X, OUT, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(X + offs, mask=m, other=-1.0)
+    tl.store(OUT + offs, scalar_math.safe_log1mexp(x), mask=m)
+    tl.store(OUT + N + offs, scalar_math.safe_log1mexp_grad(x), mask=m)
+
+
+def test_safe_log1mexp_kernel_helper_matches_torch(device):
+    """The kernels' safe_log1mexp and its slope against fastpref.losses._ops.safe_log1mexp (float64 autograd), from
+    -1e5 through the switch point -2^-24 to 0, subnormals included."""
+    from fastpref.losses._ops import SAFE_LOG1MEXP_EPS, log1mexp, safe_log1mexp
+
+    a64 = torch.cat([-torch.logspace(-12, 5, 200, dtype=F64),
+                     torch.tensor([0.0, -1e-40, -1e-30, -SAFE_LOG1MEXP_EPS, -3e-8, -1e-7], dtype=F64)])
+    x = a64.float().to(device)
+    n = x.numel()
+    out = torch.empty(2, n, device=device)
+    _safe_helpers_kernel[(1,)](x, out, n, BLOCK=triton.next_power_of_2(n))
+    a = x.double().cpu().requires_grad_(True)
+    want = safe_log1mexp(a)
+    (want_grad,) = torch.autograd.grad(want.sum(), a)
+    far = a.detach() <= -SAFE_LOG1MEXP_EPS
+    torch.testing.assert_close(want.detach()[far], log1mexp(a.detach()[far]))  # below the switch: log1mexp itself
+    assert torch.isfinite(out).all()
+    rtol = 3e-6 if device == "cpu" else 2e-5
+    torch.testing.assert_close(out[0].double().cpu(), want.detach(), rtol=rtol, atol=1e-30)
+    torch.testing.assert_close(out[1].double().cpu(), want_grad, rtol=rtol, atol=1e-30)
 
 
 def test_scalar_math_helpers_accuracy(device):

@@ -111,7 +111,7 @@ def _ref_logps(model, batch, prefix=""):
     response = (lp * ((seg[:, 1:] == 2) & scored)).sum(-1)
     prompt = (lp * ((seg[:, 1:] == 1) & scored)).sum(-1)
     last = torch.stack([torch.nonzero((seg[i] == 2) & attn[i].bool())[-1, 0] for i in range(ids.shape[0])])
-    hidden = out.hidden_states[-1][torch.arange(ids.shape[0]), last - 1]
+    hidden = out.hidden_states[-1][torch.arange(ids.shape[0]), last]  # the hidden state OF the last response token
     return response, prompt, hidden
 
 

@@ -37,7 +37,7 @@ import torch
 from fastpref.kernels.config import backward_chunks
 
 from ._gemm import accumulate_mm
-from ._stats import RowStats, finish, merge_partials
+from ._stats import Partials, RowStats, TokenStats, merge, with_target
 
 FROZEN_LIMIT = 60.0  # nats: beyond it, P entries reach e^60 and the fp32 sum of P W could lose range
 FP16_DZ_SCALE = 4096.0
@@ -53,9 +53,9 @@ class TileOps(Protocol):
     def weight_operand(self, weight: torch.Tensor, v0: int, v1: int) -> torch.Tensor: ...
     def target_logits(self, hidden, weight, bias, rows, labels, *, logit_scale, softcap) -> torch.Tensor: ...
     def grad_tile(self, rows_ctx, weight, bias, labels, stats: RowStats, lp, v0: int, v1: int, *,
-                  logit_scale, softcap, dz_scale, grad) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+                  logit_scale, softcap, dz_scale, grad, entropy) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
     def numerator_tile(self, rows_ctx, weight, bias, labels, ref, v0: int, v1: int, *,
-                       logit_scale, softcap) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+                       logit_scale, softcap, stats) -> tuple[torch.Tensor, Partials]: ...
 
 
 def spans(total: int, size: int):
@@ -65,6 +65,18 @@ def spans(total: int, size: int):
 
 def _dz_scale(operand: torch.dtype) -> float:
     return FP16_DZ_SCALE if operand == torch.float16 else 1.0
+
+
+def _row_weights(grad: torch.Tensor, entropy_grad: Optional[torch.Tensor], stats: RowStats):
+    """``(row scale w, tile coefficients or None)``: without an entropy gradient ``w = g``; with one,
+    ``w = max(|g|, |gamma|)`` and the tile forms ``(g / w) (onehot - p) - (gamma / w) p (z - E z)``."""
+    if entropy_grad is None:
+        return grad, None
+    if stats.mean_shift is None:
+        raise ValueError("an entropy gradient needs the forward's per-token statistics (mean_shift)")
+    w = torch.maximum(grad.abs(), entropy_grad.abs())
+    safe = torch.where(w == 0, torch.ones_like(w), w)
+    return w, (grad / safe, entropy_grad / safe, stats.mean_shift)
 
 
 def chunked_backward(
@@ -78,6 +90,7 @@ def chunked_backward(
     lp: torch.Tensor,
     grad: torch.Tensor,
     *,
+    entropy_grad: Optional[torch.Tensor] = None,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     compute_dh: bool = True,
@@ -88,9 +101,12 @@ def chunked_backward(
     row_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(dh [N, D], dw [V, D], db [V])`` of ``sum_t grad_t lp_t`` (module docstring); ``None`` where not asked.
+    """``(dh [N, D], dw [V, D], db [V])`` of ``sum_t grad_t lp_t (+ sum_t entropy_grad_t H_t)`` (module docstring);
+    ``None`` where not asked.
 
-    ``grad_max``: ``max |grad|`` if the caller already read it (one device synchronization otherwise, only when
+    ``entropy_grad``: an upstream gradient on the per-token entropy (needs ``stats.mean_shift``, from a forward
+    with statistics); its logit gradient ``-p (z - E_p z)`` joins ``dz`` in the same tiles. ``grad_max``:
+    ``max`` of the row scales if the caller already read it (one device synchronization otherwise, only when
     ``dW`` is needed). ``row_chunk`` / ``vocab_chunk`` override the backend's chunk sizes (tests).
     """
     M, (V, D) = rows.numel(), weight.shape
@@ -99,8 +115,8 @@ def chunked_backward(
     mc, vc = ops.chunks(M, D, V, hidden.dtype)
     mc, vc = row_chunk or mc, vocab_chunk or vc
     dz_scale, s = _dz_scale(op), float(logit_scale)
-    grad = grad.to(acc)
     dev = hidden.device
+    grad, coef = _row_weights(grad.to(acc), None if entropy_grad is None else entropy_grad.to(acc), stats)
 
     dh = torch.zeros_like(hidden) if compute_dh else None
     dw = torch.empty((V, D), dtype=dw_dtype or weight.dtype, device=dev) if compute_dw else None
@@ -109,14 +125,15 @@ def chunked_backward(
         if dw is not None:
             dw.zero_()
         return dh, dw, None if db is None else db.to(bias.dtype)
-    if compute_dw and grad_max is None:
+    if compute_dw and (grad_max is None or coef is not None):
         grad_max = float(grad.abs().max()) if dev.type != "meta" else 1.0
     gmax = grad_max if compute_dw and grad_max else 1.0
 
     for ci, (r0, r1) in enumerate(spans(M, mc)):
         rows_c, g_c = rows[r0:r1], grad[r0:r1]
         ctx = ops.rows(hidden, rows_c)
-        stats_c, lp_c, labels_c = RowStats(stats.max[r0:r1], stats.logsum[r0:r1]), lp[r0:r1], labels[r0:r1]
+        stats_c, lp_c, labels_c = stats.select(slice(r0, r1)), lp[r0:r1], labels[r0:r1]
+        coef_c = None if coef is None else tuple(x[r0:r1] for x in coef)
         hg = None
         if compute_dw:
             hg = hidden.index_select(0, rows_c).to(op)
@@ -124,7 +141,8 @@ def chunked_backward(
         dh_c = torch.empty((r1 - r0, D), dtype=acc, device=dev) if compute_dh else None
         for vi, (v0, v1) in enumerate(spans(V, vc)):
             dz, db_c = ops.grad_tile(ctx, weight, bias, labels_c, stats_c, lp_c, v0, v1, logit_scale=s,
-                                     softcap=softcap, dz_scale=dz_scale, grad=g_c if compute_db else None)
+                                     softcap=softcap, dz_scale=dz_scale, grad=g_c if compute_db else None,
+                                     entropy=coef_c)
             if compute_dh:
                 accumulate_mm(dh_c, dz, ops.weight_operand(weight, v0, v1), alpha=1.0 / dz_scale, beta_zero=vi == 0)
             if compute_dw:
@@ -150,10 +168,12 @@ def frozen_forward(
     *,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
+    stats: bool = False,
     row_chunk: Optional[int] = None,
     vocab_chunk: Optional[int] = None,
-) -> tuple[torch.Tensor, RowStats, torch.Tensor, torch.Tensor]:
-    """``(lp [M], stats, unit [N, D], flagged [M])`` for a frozen head (module docstring).
+) -> tuple:
+    """``(lp [M], row stats, unit [N, D], flagged [M])`` for a frozen head (module docstring), and the
+    :class:`TokenStats` as a fifth element with ``stats=True``.
 
     ``unit`` has ``hidden``'s shape and dtype, zero on rows not in ``rows`` and on flagged rows; the hidden-state
     gradient of ``sum_t g_t lp_t`` is ``g_t s unit_t`` on every row that is not flagged.
@@ -165,28 +185,34 @@ def frozen_forward(
     dev = hidden.device
     target = ops.target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap).to(acc)
     unit = torch.zeros_like(hidden)
-    lp = torch.empty((M,), dtype=acc, device=dev)
-    row_max = torch.empty((M,), dtype=acc, device=dev)
-    row_logsum = torch.empty((M,), dtype=acc, device=dev)
     flagged = torch.empty((M,), dtype=torch.bool, device=dev)
+    pieces = []
     for r0, r1 in spans(M, mc):
         rows_c, labels_c, t_c = rows[r0:r1], labels[r0:r1], target[r0:r1]
         ctx = ops.rows(hidden, rows_c)
         u = torch.empty((r1 - r0, D), dtype=acc, device=dev)
-        run_max, run_sum = t_c.clone(), torch.ones_like(t_c)
+        run = Partials.empty(t_c, stats)
         for vi, (v0, v1) in enumerate(spans(V, vc)):
-            P, max_part, sum_part = ops.numerator_tile(ctx, weight, bias, labels_c, t_c, v0, v1,
-                                                       logit_scale=logit_scale, softcap=softcap)
+            P, part = ops.numerator_tile(ctx, weight, bias, labels_c, t_c, v0, v1, logit_scale=logit_scale,
+                                         softcap=softcap, stats=stats)
             accumulate_mm(u, P, ops.weight_operand(weight, v0, v1), beta_zero=vi == 0)
-            run_max, run_sum = merge_partials(run_max, run_sum, max_part, sum_part)
+            run = merge(run, part)
             del P
-        lp_c, stats_c = finish(t_c, run_max, run_sum)
+        lp_c, stats_c, tokens_c = with_target(t_c, run, V)
         kappa_y = 1.0 - (t_c / softcap) ** 2 if softcap is not None else torch.ones_like(t_c)
         u.mul_(-torch.exp(lp_c)[:, None])  # sum_{v != y} p_v kappa_v W_v = p_y * u
         u.addcmul_(weight.index_select(0, labels_c), (kappa_y * -torch.expm1(lp_c))[:, None])
-        flag_c = (run_max - t_c) > FROZEN_LIMIT
+        flag_c = (stats_c.max - t_c) > FROZEN_LIMIT
         u.masked_fill_(flag_c[:, None], 0.0)
         unit.index_copy_(0, rows_c, u.to(hidden.dtype))
-        lp[r0:r1], row_max[r0:r1], row_logsum[r0:r1], flagged[r0:r1] = lp_c, stats_c.max, stats_c.logsum, flag_c
+        flagged[r0:r1] = flag_c
+        pieces.append((lp_c, stats_c, tokens_c))
         del u, ctx
-    return lp, RowStats(row_max, row_logsum), unit, flagged
+    lp = torch.cat([p[0] for p in pieces]) if pieces else target.clone()
+    row_stats = RowStats(*(None if pieces[0][1][i] is None else torch.cat([p[1][i] for p in pieces])
+                           for i in range(3))) if pieces else RowStats(target.clone(), target.clone())
+    out = (lp, row_stats, unit, flagged)
+    if stats:
+        out += (TokenStats(*(torch.cat([p[2][i] for p in pieces]) for i in range(4))),) if pieces else (
+            TokenStats(*(target.clone() for _ in range(3)), target > 0),)
+    return out

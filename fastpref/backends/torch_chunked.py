@@ -17,7 +17,7 @@ from fastpref.kernels.config import backward_chunks
 
 from . import _chunked
 from ._chunked import spans
-from ._stats import RowStats, finish, merge_partials
+from ._stats import Partials, RowStats, merge, merge_partials, with_target
 
 ROW_CHUNK = 1024
 VOCAB_CHUNK = 8192
@@ -94,32 +94,82 @@ class TorchTiles:
             out[r0:r1] = torch.where(owned, z, torch.full_like(z, float("-inf")))
         return out
 
-    def grad_tile(self, h, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad):
+    def grad_tile(self, h, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad,
+                  entropy=None):
         z = self._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-        e = torch.exp((z - stats.max[:, None]) - stats.logsum[:, None]).neg_()
+        p = torch.exp((z - stats.max[:, None]) - stats.logsum[:, None])
+        e = -p
         _set_label_column(e, labels, v0, -torch.expm1(lp))
+        if entropy is not None:
+            a, b, mean_shift = entropy
+            e = a[:, None] * e - b[:, None] * p * ((z - stats.max[:, None]) - mean_shift[:, None])
         slope = _slope(z, softcap)
         if slope is not None:
             e.mul_(slope)
         db = None if grad is None else grad @ e
         return e, db
 
-    def numerator_tile(self, h, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap):
+    def numerator_tile(self, h, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap, stats=False):
         from fastpref.kernels.softmax_numerator import NUMERATOR_CLAMP
 
         z = self._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-        _set_label_column(z, labels, v0, torch.full_like(ref, float("-inf")))
-        tile_max = z.amax(dim=1)
-        safe = torch.where(tile_max == float("-inf"), torch.zeros_like(tile_max), tile_max)
-        tile_sum = torch.exp(z - safe[:, None]).sum(dim=1)
+        part = _label_free_partials(z, labels, v0, stats, _mask_label(z, labels, v0))
         slope = _slope(torch.where(z == float("-inf"), torch.zeros_like(z), z), softcap)
         P = torch.exp(torch.clamp(z - ref[:, None], max=NUMERATOR_CLAMP))
         if slope is not None:
             P.mul_(slope)
-        return P, tile_max[None], tile_sum[None]
+        return P, part
+
+
+def _mask_label(z: torch.Tensor, labels: torch.Tensor, v0: int) -> torch.Tensor:
+    """Set each row's label column (when it falls in this chunk) to ``-inf``; return its logit there (``-inf``
+    when the chunk does not hold the label)."""
+    col = (labels - v0).clamp(0, z.shape[1] - 1)[:, None]
+    inside = ((labels >= v0) & (labels < v0 + z.shape[1]))[:, None]
+    ninf = torch.full_like(z[:, :1], float("-inf"))
+    at_label = torch.where(inside, z.gather(1, col), ninf)
+    z.scatter_(1, col, torch.where(inside, ninf, z.gather(1, col)))
+    return at_label.squeeze(1)
+
+
+def _label_free_partials(z: torch.Tensor, labels: torch.Tensor, v0: int, stats: bool,
+                         at_label: Optional[torch.Tensor] = None) -> Partials:
+    """Partial statistics ``[1, rows]`` of a logits chunk whose label column is already ``-inf``."""
+    top = z.amax(dim=1)
+    safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    shifted = z - safe[:, None]
+    e = torch.exp(shifted)
+    if not stats:
+        return Partials(top[None], e.sum(dim=1)[None])
+    finite = z != float("-inf")
+    cols = torch.arange(v0, v0 + z.shape[1], device=z.device)
+    before = torch.where(cols[None, :] < labels[:, None], z, torch.full_like(z, float("-inf"))).amax(dim=1)
+    zero = torch.zeros_like(z)
+    return Partials(top[None], e.sum(dim=1)[None], (e * torch.where(finite, shifted, zero)).sum(dim=1)[None],
+                    (e * e).sum(dim=1)[None], torch.where(finite, z, zero).sum(dim=1)[None], before[None],
+                    at_label[None])
 
 
 TILES = TorchTiles()
+
+
+def _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_chunk, vocab_chunk, stats):
+    cdt = compute_dtype(hidden.dtype)
+    M, V = rows.numel(), weight.shape[0]
+    labels = labels.long()
+    target = TILES.target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
+    out = Partials.empty(torch.empty((M,), dtype=cdt, device=hidden.device), stats)
+    for r0, r1 in spans(M, row_chunk):
+        h = TILES.rows(hidden, rows[r0:r1])
+        y = labels[r0:r1]
+        run = Partials(*(x[r0:r1] for x in out if x is not None))
+        for v0, v1 in spans(V, vocab_chunk):
+            z = TILES._logits(h, weight, bias, v0, v1, logit_scale, softcap)
+            run = merge(run, _label_free_partials(z, y, v0, stats, _mask_label(z, y, v0)))
+        for dst, src in zip(out, run):
+            if dst is not None:
+                dst[r0:r1] = src
+    return target, out
 
 
 def shard_forward(
@@ -136,38 +186,17 @@ def shard_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(target, max, sum) [M]`` over this weight's vocabulary with the label's column excluded from
     ``(max, sum)``; ``target = -inf`` where the label is outside ``[0, V)`` (see ``triton_fused.shard_forward``)."""
-    cdt = compute_dtype(hidden.dtype)
-    M, V = rows.numel(), weight.shape[0]
-    labels = labels.long()
-    target = TILES.target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
-    row_max = torch.full((M,), float("-inf"), dtype=cdt, device=hidden.device)
-    row_sum = torch.zeros((M,), dtype=cdt, device=hidden.device)
-    for r0, r1 in spans(M, row_chunk):
-        h = TILES.rows(hidden, rows[r0:r1])
-        y = labels[r0:r1]
-        run_max, run_sum = row_max[r0:r1], row_sum[r0:r1]
-        for v0, v1 in spans(V, vocab_chunk):
-            z = TILES._logits(h, weight, bias, v0, v1, logit_scale, softcap)
-            _set_label_column(z, y, v0, torch.full_like(run_max, float("-inf")))
-            run_max, run_sum = merge_partials(run_max, run_sum, z.amax(dim=1)[None], _chunk_sums(z)[None])
-        row_max[r0:r1], row_sum[r0:r1] = run_max, run_sum
-    return target, row_max, row_sum
-
-
-def _chunk_sums(z: torch.Tensor) -> torch.Tensor:
-    """``sum_v exp(z_v - max_v z)`` per row (0 for a row of ``-inf``)."""
-    top = z.amax(dim=1)
-    safe = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    return torch.exp(z - safe[:, None]).sum(dim=1)
+    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_chunk, vocab_chunk, False)
+    return target, run.max, run.sum
 
 
 def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
-            row_chunk: int = ROW_CHUNK, vocab_chunk: int = VOCAB_CHUNK) -> tuple[torch.Tensor, RowStats]:
-    """Token log-probs ``[M]`` and row statistics of ``hidden[rows]`` (see the module docstring)."""
-    target, run_max, run_sum = shard_forward(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
-                                             softcap=softcap, row_chunk=row_chunk, vocab_chunk=vocab_chunk)
-    run_max, run_sum = merge_partials(target, torch.ones_like(target), run_max[None], run_sum[None])
-    return finish(target, run_max, run_sum)
+            row_chunk: int = ROW_CHUNK, vocab_chunk: int = VOCAB_CHUNK, stats: bool = False) -> tuple:
+    """Token log-probs ``[M]`` and row statistics of ``hidden[rows]`` (see the module docstring); with
+    ``stats=True`` also the :class:`._stats.TokenStats`."""
+    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_chunk, vocab_chunk, stats)
+    lp, row_stats, tokens = with_target(target, run, weight.shape[0])
+    return (lp, row_stats, tokens) if stats else (lp, row_stats)
 
 
 def backward(hidden, weight, bias, rows, labels, stats: RowStats, lp, grad, **options):

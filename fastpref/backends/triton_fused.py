@@ -18,7 +18,7 @@ from fastpref.kernels.target_logit import target_logits
 from fastpref.kernels.vocab_logsumexp import vocab_logsumexp
 
 from . import _chunked
-from ._stats import RowStats, from_partials, merge_partials
+from ._stats import Partials, RowStats, merge, with_target
 
 
 class TritonTiles:
@@ -43,16 +43,19 @@ class TritonTiles:
     def target_logits(self, hidden, weight, bias, rows, labels, *, logit_scale, softcap):
         return target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
 
-    def grad_tile(self, ctx, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad):
+    def grad_tile(self, ctx, weight, bias, labels, stats, lp, v0, v1, *, logit_scale, softcap, dz_scale, grad,
+                  entropy=None):
         hidden, rows = ctx
         dz, db_part = logits_grad_tile(hidden, weight, bias, rows, labels, stats.max, stats.logsum, lp, v0, v1 - v0,
-                                       logit_scale=logit_scale, softcap=softcap, dz_scale=dz_scale, grad=grad)
+                                       logit_scale=logit_scale, softcap=softcap, dz_scale=dz_scale, grad=grad,
+                                       entropy=entropy)
         return dz, None if db_part is None else db_part.sum(dim=0)
 
-    def numerator_tile(self, ctx, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap):
+    def numerator_tile(self, ctx, weight, bias, labels, ref, v0, v1, *, logit_scale, softcap, stats=False):
         hidden, rows = ctx
-        return softmax_numerator_tile(hidden, weight, bias, rows, labels, ref, v0, v1 - v0,
-                                      logit_scale=logit_scale, softcap=softcap)
+        P, *parts = softmax_numerator_tile(hidden, weight, bias, rows, labels, ref, v0, v1 - v0,
+                                           logit_scale=logit_scale, softcap=softcap, stats=stats)
+        return P, Partials(*parts)
 
 
 TILES = TritonTiles()
@@ -67,29 +70,33 @@ def shard_forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.
     """``(target, max, sum) [M]`` fp32 over this weight's vocabulary, the label's column excluded from
     ``(max, sum)`` (``-inf``/0 when nothing is left); ``target`` is ``-inf`` where the label is outside
     ``[0, V)``. A vocabulary-parallel head merges these across ranks (``_stats.merge_partials``)."""
+    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, False)
+    return target, run.max, run.sum
+
+
+def _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, stats):
     bias, rows, labels = _contiguous(bias, rows, labels)
     target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
-    max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
-                                         softcap=softcap, num_splits=num_splits)
-    run_max, run_sum = merge_partials(torch.full_like(target, float("-inf")), torch.zeros_like(target),
-                                      max_part, sum_part)
-    return target, run_max, run_sum
+    parts = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap,
+                            num_splits=num_splits, stats=stats)
+    return target, merge(Partials.empty(target, stats), Partials(*parts))
 
 
 def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
-            num_splits: Optional[int] = None) -> tuple[torch.Tensor, RowStats]:
-    """Token log-probs ``[M]`` and row statistics (fp32) of the rows ``hidden[rows]`` (labels in ``[0, V)``)."""
-    bias, rows, labels = _contiguous(bias, rows, labels)
-    target = target_logits(hidden, weight, bias, rows, labels, logit_scale=logit_scale, softcap=softcap)
-    max_part, sum_part = vocab_logsumexp(hidden, weight, bias, rows, labels, logit_scale=logit_scale,
-                                         softcap=softcap, num_splits=num_splits)
-    return from_partials(target, max_part, sum_part)
+            num_splits: Optional[int] = None, stats: bool = False) -> tuple:
+    """Token log-probs ``[M]`` and row statistics (fp32) of the rows ``hidden[rows]`` (labels in ``[0, V)``);
+    with ``stats=True`` also the :class:`._stats.TokenStats` (entropy, ``log sum p^2``, mean logit, argmax)."""
+    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, stats)
+    lp, row_stats, tokens = with_target(target, run, weight.shape[0])
+    return (lp, row_stats, tokens) if stats else (lp, row_stats)
 
 
 def backward(hidden, weight, bias, rows, labels, stats: RowStats, lp, grad, **options):
     """See :func:`._chunked.chunked_backward`."""
     bias, rows, labels = _contiguous(bias, rows, labels)
-    stats = RowStats(stats.max.float().contiguous(), stats.logsum.float().contiguous())
+    stats = RowStats(*(None if x is None else x.float().contiguous() for x in stats))
+    if options.get("entropy_grad") is not None:
+        options["entropy_grad"] = options["entropy_grad"].float().contiguous()
     return _chunked.chunked_backward(TILES, hidden, weight, bias, rows, labels, stats, lp.float().contiguous(),
                                      grad.float().contiguous(), **options)
 

@@ -11,7 +11,7 @@ the Trainer's learning-rate schedule, stepped at the same points as the model's.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,25 +39,39 @@ def average_gradients(params: Sequence[torch.Tensor], group=None) -> None:
         offset += n
 
 
+def broadcast_from_first(params: Sequence[torch.Tensor], group=None) -> None:
+    """Every rank's ``params`` := the first rank's (a random initialization drawn on each rank may differ)."""
+    if world_size() == 1:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=src, group=group)
+
+
 class ReplicatedParameters(TrainerCallback):
     """A ``transformers.TrainerCallback`` that keeps trainer-owned parameters in step on every rank (module
-    docstring). ``own_optimizer``: build and step their own optimizer (DeepSpeed / FSDP2); otherwise they are in the
-    Trainer's optimizer and only their gradients are averaged here."""
+    docstring): before each optimizer step their gradients are averaged over the ranks; after it they are cleared
+    (the Trainer clears only the model's). ``param_groups()`` gives their optimizer groups; with ``own_optimizer``
+    (DeepSpeed / FSDP) this callback builds an optimizer of the Trainer's class and settings over those groups and
+    steps it, with the Trainer's learning-rate schedule; otherwise the groups are in the Trainer's optimizer."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], *, own_optimizer: bool):
+    def __init__(self, params: Sequence[torch.nn.Parameter], param_groups: Callable[[], list], *, own_optimizer: bool):
         self.params = [p for p in params if p.requires_grad]
+        self.param_groups = param_groups
         self.own_optimizer = own_optimizer
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        broadcast_from_first(self.params)  # replicated: every rank starts from rank 0's values
         if not self.own_optimizer or self.optimizer is not None or not self.params:
             return
         from transformers import Trainer
         from transformers.optimization import get_scheduler
 
         cls, settings = Trainer.get_optimizer_cls_and_kwargs(args)
-        self.optimizer = cls([{"params": self.params, "weight_decay": 0.0}], **settings)
+        self.optimizer = cls(self.param_groups(), **settings)
         self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=args.get_warmup_steps(state.max_steps),
                                        num_training_steps=state.max_steps,
@@ -68,4 +82,7 @@ class ReplicatedParameters(TrainerCallback):
         if self.optimizer is not None:
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.params:
+            p.grad = None

@@ -7,13 +7,30 @@ prompt segment in the same pass) and hands them to its functional loss in :mod:`
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import math
+import numbers
+import re
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from fastpref._rows import last_row_where, row_sequences
-from fastpref.logprobs import PROMPT, SequenceLogProbs, sequence_logprobs
+from fastpref.logprobs import BACKENDS, PROMPT, SequenceLogProbs, sequence_logprobs
+
+_REFERENCE_NAMES = {"hidden": "ref_hidden", "weight": "ref_weight", "bias": "ref_bias"}
+
+
+@contextlib.contextmanager
+def reference_argument_names():
+    """Errors of the reference pass name the module's arguments (``ref_hidden``, ``ref_weight``, ``ref_bias``), not
+    :func:`fastpref.sequence_logprobs`'s (``hidden``, ``weight``, ``bias``)."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        msg = re.sub(r"`(hidden|weight|bias)`", lambda m: f"`{_REFERENCE_NAMES[m.group(1)]}`", str(e))
+        raise type(e)(msg) from e
 
 
 class FusedHeadLoss(nn.Module):
@@ -31,8 +48,26 @@ class FusedHeadLoss(nn.Module):
     def __init__(self, *, backend: str = "auto", ignore_index: int = -100, logit_scale: float = 1.0,
                  softcap: Optional[float] = None, validate: bool = True):
         super().__init__()
+        name = type(self).__name__
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{name}: `backend` must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"{name}: `ignore_index` must be an int, got {type(ignore_index).__name__}")
+        logit_scale = _positive(name, "logit_scale", logit_scale)
+        if softcap is not None:
+            softcap = _positive(name, "softcap", softcap)
+        if not isinstance(validate, bool):
+            raise TypeError(f"{name}: `validate` must be a bool, got {type(validate).__name__}")
         self.backend, self.ignore_index = backend, ignore_index
         self.logit_scale, self.softcap, self.validate = logit_scale, softcap, validate
+
+    def _check_settings(self, dummy_loss: Callable[[], object]) -> None:
+        """Run the module's functional loss once on a tiny CPU batch at construction, so that a bad setting
+        (``beta``, ``loss_type``, ...) fails here, naming the module, instead of after two fused passes."""
+        try:
+            dummy_loss()
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{type(self).__name__}: {e}") from None
 
     def _segments(self, segment_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if segment_ids is None or self.uses_prompt:
@@ -58,7 +93,10 @@ class FusedHeadLoss(nn.Module):
             raise ValueError("this loss needs the reference model: pass `ref_hidden` (and `ref_weight`) or `ref_logps`")
         if ref_weight is None:
             raise ValueError("`ref_weight` is required with `ref_hidden` (pass the policy head's weight if shared)")
-        with torch.no_grad():
+        for arg, value in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(f"`{arg}` must be a torch.Tensor, got {type(value).__name__}")
+        with torch.no_grad(), reference_argument_names():
             return self.logps(ref_hidden, ref_weight.detach(), labels, segment_ids,
                               bias=None if ref_bias is None else ref_bias.detach(), cu_seqlens=cu_seqlens)
 
@@ -73,8 +111,16 @@ def split_pairs(x: torch.Tensor, name: str = "batch") -> tuple[torch.Tensor, tor
 
 def last_response_rows(labels: torch.Tensor, segment_ids: Optional[torch.Tensor], *, ignore_index: int = -100,
                        cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Flat row index ``[S]`` of each sequence's last scored response row (the hidden state that predicts the
-    sequence's last response token). Raises if a sequence has no scored response row."""
+    """Flat row index ``[S]`` of the hidden state **of** each sequence's last response token: the row whose input is
+    that token, as a reward model reads it (docs/methods.md section 6).
+
+    Rows follow fastpref's convention (``labels[t]`` is the token at position ``t + 1``): the last scored response
+    row ``t`` predicts the last response token, whose own hidden state is row ``t + 1`` of the same sequence. Reading
+    row ``t`` instead would give two responses that differ only in their last token identical rewards.
+
+    Raises ``ValueError`` naming the sequence when it has no scored response row, or when its last response token
+    has no hidden row (its label sits on the sequence's last row: pass hidden states that include that token).
+    """
     scored = labels.reshape(-1) != ignore_index
     if segment_ids is not None:
         scored &= segment_ids.reshape(-1) == 2
@@ -82,5 +128,27 @@ def last_response_rows(labels: torch.Tensor, segment_ids: Optional[torch.Tensor]
                                  cu_seqlens=cu_seqlens)
     last = last_row_where(scored, sequences, S)
     if bool((last < 0).any()):
-        raise ValueError("a sequence has no scored response token, so it has no last response hidden state")
-    return last
+        i = int(torch.nonzero(last < 0)[0])
+        raise ValueError(f"sequence {i} has no scored response token, so it has no last response hidden state")
+    if cu_seqlens is None:
+        row_len = labels.shape[-1] if labels.dim() == 2 else scored.numel()
+        ends = (torch.arange(S, device=labels.device) + 1) * row_len
+    else:
+        ends = cu_seqlens[1:].to(device=labels.device, dtype=torch.long)
+    beyond = last + 1 >= ends
+    if bool(beyond.any()):
+        i = int(torch.nonzero(beyond)[0])
+        raise ValueError(
+            f"sequence {i}: its last response token is labeled on the sequence's last row, so its own hidden state "
+            "(the row after it, which a reward head reads) is not in `hidden`; include that token's row "
+            "(label = ignore_index) or pass `reward_hidden`")
+    return last + 1
+
+
+def _positive(owner: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: `{name}` must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{owner}: `{name}` must be a finite number > 0, got {value}")
+    return value

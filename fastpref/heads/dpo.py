@@ -21,14 +21,23 @@ class DPOLoss(FusedHeadLoss):
     Rafailov et al., 2023). One policy pass (response rows only) and one no-grad reference pass.
 
     Batch layout is TRL's: the first half of the sequences are chosen, the second half rejected.
-    Extra keyword arguments (``discopop_tau``, ``wpo_weights`` ...) go to ``dpo_loss``.
+    ``loss_kwargs`` (``discopop_tau``, ``f_divergence_type``, ``loss_weights`` ...) go to ``dpo_loss``. Every
+    setting is checked at construction (the functional loss runs once on a tiny batch).
+    Defaults: ``beta = 0.1``, ``loss_type = "sigmoid"`` (TRL's ``DPOConfig``).
     """
 
     def __init__(self, beta: float = 0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
                  label_smoothing: float = 0.0, *, loss_kwargs: Optional[dict] = None, **head_kwargs):
         super().__init__(**head_kwargs)
+        if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
+            raise TypeError(f"DPOLoss: `loss_kwargs` must be a dict, got {type(loss_kwargs).__name__}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.loss_kwargs = dict(loss_kwargs or {})
+        settings = {k: v for k, v in self.loss_kwargs.items() if not isinstance(v, torch.Tensor)}  # per-batch tensors
+        one = torch.tensor([-3.0, -4.0], dtype=torch.float64)                                 # are checked per call
+        self._check_settings(lambda: dpo_loss(one, one - 1, one - 0.5, one - 0.2, beta=beta, loss_type=loss_type,
+                                              label_smoothing=label_smoothing, chosen_lengths=one.new_ones(2),
+                                              rejected_lengths=one.new_ones(2), backend="torch", **settings))
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 segment_ids: Optional[torch.Tensor] = None, *, bias: Optional[torch.Tensor] = None,
@@ -58,6 +67,9 @@ class SimPOLoss(FusedHeadLoss):
     def __init__(self, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0, **head_kwargs):
         super().__init__(**head_kwargs)
         self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
+        one = torch.tensor([-3.0, -4.0], dtype=torch.float64)
+        self._check_settings(lambda: simpo_loss(one, one - 1, one.new_ones(2), one.new_ones(2), beta=beta, gamma=gamma,
+                                                label_smoothing=label_smoothing, backend="torch"))
 
     def forward(self, hidden, weight, labels, segment_ids=None, *, bias=None, cu_seqlens=None):
         pol = self.logps(hidden, weight, labels, segment_ids, bias=bias, cu_seqlens=cu_seqlens)

@@ -7,31 +7,38 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastpref.losses.drdo import drdo_loss
+from fastpref.losses.drdo import DEFAULT_ALPHA, DEFAULT_GAMMA, drdo_loss
 
 from .base import FusedHeadLoss, last_response_rows, split_pairs
 
 
 class DRDOLoss(FusedHeadLoss):
-    r"""DRDO (METHODS.md section 6)::
+    r"""DRDO (docs/methods.md section 6)::
 
         p_w  = sigma(logp_w - logp_l)
         L    = (R*_w - R*_l - (rhat_w - rhat_l))^2 - alpha (1 - p_w)^gamma (logp_w - log1mexp(logp_l))
 
     ``rhat = v . h_last + c`` is the student reward head (an ``nn.Linear(hidden_size, 1)`` owned here unless
-    ``reward_head`` is given) on the policy's hidden state ``h_last`` of each sequence: by default the row that
-    predicts the sequence's last response token (the last scored response row), or ``reward_hidden [S, D]`` when
-    passed (e.g. the state *at* the last token, which a patched model's ``.last_hidden`` can provide). The
-    focal factor is not detached (the seed's gradient). Defaults ``alpha = 0.1``, ``gamma = 2``.
+    ``reward_head`` is given) on the policy's hidden state ``h_last`` **of** each sequence's last response token:
+    the row whose input is that token, as a reward model reads it (:func:`fastpref.heads.base.last_response_rows`:
+    the row after the last scored response row, which only *predicts* that token and would give two responses
+    differing in their last token the same reward), or ``reward_hidden [S, D]`` when passed (a patched model's
+    ``.last_hidden`` is that row). The oracle rewards ``R*`` are data (detached). The focal factor is not detached
+    (the seed's gradient). Defaults ``alpha = 0.1``, ``gamma = 2`` (the seed's best).
     """
 
-    def __init__(self, hidden_size: Optional[int] = None, alpha: float = 0.1, gamma: float = 2.0,
+    def __init__(self, hidden_size: Optional[int] = None, alpha: float = DEFAULT_ALPHA, gamma: float = DEFAULT_GAMMA,
                  reward_head: Optional[nn.Module] = None, **head_kwargs):
         super().__init__(**head_kwargs)
         if reward_head is None:
             if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
                 raise ValueError("DRDOLoss needs `hidden_size` (a positive int) or a `reward_head` module")
             reward_head = nn.Linear(hidden_size, 1)
+        elif not isinstance(reward_head, nn.Module) or not list(reward_head.parameters()):
+            raise TypeError("DRDOLoss: `reward_head` must be an nn.Module with parameters (hidden_size -> 1)")
+        one = torch.tensor([-3.0, -4.0], dtype=torch.float64)
+        self._check_settings(lambda: drdo_loss(one, one - 1, one, one, one, one, alpha=alpha, gamma=gamma,
+                                               backend="torch"))
         self.reward_head, self.alpha, self.gamma = reward_head, alpha, gamma
 
     def forward(self, hidden, weight, labels, segment_ids=None, *, oracle_rewards: torch.Tensor,

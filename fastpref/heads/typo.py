@@ -12,18 +12,22 @@ from .base import FusedHeadLoss, split_pairs
 
 
 class TYPOLoss(FusedHeadLoss):
-    r"""TYPO (METHODS.md section 4), one policy pass over pairs and reference samples::
+    r"""TYPO (docs/methods.md section 4), one policy pass over pairs and reference samples::
 
         loss = mean_pairs softplus(logp_l - logp_w)  +  lam * mean_unsup(-logp_u)
 
     ``unsup [S]`` (bool) marks the extra rows that are responses sampled from the reference model; the other
     rows are pairs in TRL's layout (chosen rows, then rejected), in their order. With no row marked (or
-    ``unsup=None``) the unsupervised term is omitted.
+    ``unsup=None``) the unsupervised term is omitted. ``lam = 0.05``: the seed's default. Reference samples (the
+    seed: one per prompt, temperature 1, top_k 60, top_p 0.8, at most 256 new tokens, repetition penalty 1.1):
+    :func:`fastpref.sampling.sample_reference_responses`.
     """
 
     def __init__(self, lam: float = 0.05, **head_kwargs):
         super().__init__(**head_kwargs)
         self.lam = lam
+        one = torch.tensor([-3.0], dtype=torch.float64)
+        self._check_settings(lambda: typo_loss(one, one - 1, one, lam=lam, backend="torch"))
 
     def forward(self, hidden, weight, labels, segment_ids=None, *, unsup: Optional[torch.Tensor] = None, bias=None,
                 cu_seqlens=None):

@@ -7,7 +7,7 @@
     model = patch(AutoModelForCausalLM.from_pretrained(...))          # or a PEFT PeftModel around one
     out = model(input_ids, attention_mask=attention_mask, completion_mask=completion_mask, logps_only=True)
     out.logps.response        # [B] summed log-probs of the completion tokens (fastpref.SequenceLogProbs)
-    out.last_hidden           # [B, D] hidden state at the position predicting each last response token
+    out.last_hidden           # [B, D] hidden state of each sequence's last response token (a reward head's input)
 
 The patched call runs the model's backbone (``getattr(model, model.base_model_prefix)``, i.e.
 ``model.base_model``; ``model.get_decoder()`` as a fallback) and feeds its last hidden states, the head
@@ -75,10 +75,11 @@ class LogProbsOutput(ModelOutput):
         logps: :class:`fastpref.SequenceLogProbs`, one entry per sequence (``B`` rows of a padded batch, or
             the ``S`` packed sequences). Its ``token_logps`` (only with ``return_token_logps=True``) is aligned
             with ``input_ids``: position ``t`` holds ``log p(x_t | x_<t)``, 0 where ``t`` is not scored.
-        last_hidden: ``[S, D]`` backbone hidden state (before the head) at the position that *predicts* the
-            sequence's last response token, i.e. position ``t_last - 1`` where ``t_last`` is the last token with
-            segment 2 (``completion_mask == 1``); when a sequence has no response token, the last scored
-            (prompt) token is used instead. Differentiable.
+        last_hidden: ``[S, D]`` backbone hidden state (before the head) **of** the sequence's last response
+            token: position ``t_last``, the last token with segment 2 (``completion_mask == 1``), whose input is
+            that token, as a reward model reads it (DRDO's student and oracle reward heads; the row ``t_last - 1``
+            only predicts the token and cannot tell two responses differing in it apart). When a sequence has no
+            scored response token, its last scored (prompt) token, else its first position. Differentiable.
         cu_seqlens: ``[S + 1]`` sequence offsets (packed inputs only).
         hidden_states, attentions, router_logits: the backbone's, when asked for (``output_hidden_states=True``
             etc.); None otherwise, so the full hidden states are not kept by the output.
@@ -463,10 +464,14 @@ def _targets(input_ids, attention_mask, position_ids, completion_mask, segment_i
 
 
 def _last_hidden(hidden: torch.Tensor, segments: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per sequence, the hidden row predicting the last response token (else the last scored token)."""
+    """Per sequence, the hidden row OF the last response token (else of the last scored token, else the sequence's
+    first row). ``segments`` are row segments (row ``t`` scores token ``t + 1``), so the token scored by row ``t`` is
+    read at row ``t + 1``, which is in the same sequence: a sequence's last row never scores."""
     seg = segments.reshape(-1)
     sequences, S = row_sequences(seg.numel(), seg.device, row_len=segments.shape[-1], cu_seqlens=cu)
     last_response = last_row_where(seg == RESPONSE, sequences, S)
     last_scored = last_row_where(seg > 0, sequences, S)
-    index = torch.where(last_response >= 0, last_response, last_scored).clamp(min=0)
+    first = (torch.arange(S, device=seg.device) * segments.shape[-1]) if cu is None else cu[:-1].long()
+    index = torch.where(last_response >= 0, last_response + 1,
+                        torch.where(last_scored >= 0, last_scored + 1, first))
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)

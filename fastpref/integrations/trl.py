@@ -36,22 +36,34 @@ method     loss (:mod:`fastpref.losses.functional`)                     ``method
                                                                         ``f_divergence_type``,
                                                                         ``f_alpha_divergence_coef``, ``ld_alpha``
                                                                         come from ``DPOConfig``
-``pro``    ``pro_loss(feedback="pairwise")`` (PRO-P, reported x4)       ``eta`` (0.1), ``alpha`` (None ->
-                                                                        ``1/(1-eta)^2``), ``hyper_response``
-                                                                        (``"exact"``)
+``pro``    ``pro_loss(feedback="pairwise")`` (PRO-P, reported x4)       ``eta`` (1/3: the seed's), ``alpha``
+                                                                        (None -> ``1/(1-eta)^2``),
+                                                                        ``hyper_response`` (``"exact"``),
+                                                                        ``require_optimum`` (True: ``alpha
+                                                                        (1 - eta^2) > 1``)
 ``simpo``  ``simpo_loss`` (reference-free)                              ``gamma`` (0.5); ``label_smoothing`` from
                                                                         the config
-``typo``   ``typo_loss(..., unsup_logps=None)``: the pairwise term      none (no unsupervised rows in DPO data)
-           only (reference-free)
+``typo``   refused by default: TYPO needs responses sampled from the    ``lam``: only ``0.0`` (the supervised
+           reference model, which TRL's preference data cannot carry:   term alone, stated explicitly)
+           use :class:`fastpref.trainer.TYPOTrainer` with
+           :func:`fastpref.sampling.sample_reference_responses`.
+           ``method_kwargs={"lam": 0.0}`` trains the pairwise term
+           ``typo_loss(..., unsup_logps=None)`` alone, by choice
 ``drdo``   ``drdo_loss`` (reference-free); rewards ``rhat`` from a      ``alpha`` (0.1), ``gamma`` (2.0),
            trainer-owned reward head on the patched model's             ``reward_head`` (an ``nn.Module`` D -> 1;
-           ``.last_hidden``; needs dataset columns ``oracle_chosen``    default ``nn.Linear(D, 1)``)
-           and ``oracle_rejected`` (the oracle rewards R*)
-``auxdpo`` ``auxdpo_loss``; the trainer owns ``delta`` (2 offsets per  ``lambda_null`` (1.0), ``lambda_amp``
-           training example, ``delta[2i]`` chosen, ``delta[2i+1]``       (0.01), ``null_penalty`` (``"head"``: the
-           rejected) indexed by the dataset column ``example_index``     exact LM-head null-space penalty from the
-           (added as the row number when a ``datasets.Dataset`` lacks    reference hidden states, or None),
-           it); evaluation uses ``delta = 0``                            ``num_examples`` (max index + 1)
+           ``.last_hidden`` (the hidden state of the last response      default ``nn.Linear(D, 1)``)
+           token); needs dataset columns ``oracle_chosen`` and
+           ``oracle_rejected`` (the oracle rewards R*, data:
+           :func:`fastpref.oracle.annotate_oracle_rewards`)
+``auxdpo`` ``auxdpo_loss``; the trainer owns ``delta_raw`` (2 per        ``lambda_null`` (1.0), ``lambda_amp``
+           training example) and ``delta = cap tanh(delta_raw)``         (0.01), ``cap`` (1.0), ``init_std``
+           (``delta[2i]`` chosen, ``delta[2i+1]`` rejected) indexed by   (1e-3), ``delta_learning_rate`` (5e-3),
+           the dataset column ``example_index`` (added as the row       ``null_penalty`` (``"head"``: the exact
+           number when a ``datasets.Dataset`` lacks it), trained in its  LM-head penalty from the reference hidden
+           own optimizer group at ``delta_learning_rate`` without       states; ``"params"``: the authors' form
+           weight decay (the authors' settings); evaluation uses        over every reference parameter the
+           ``delta = 0``                                                policy trains; None), ``num_examples``
+                                                                        (max index + 1)
 =========  ===========================================================  =========================================
 
 ``pro`` with ``hyper_response="exact"`` needs each pair's two responses to differ (their probabilities must sum
@@ -59,14 +71,22 @@ below 1). Reference-free methods never run a reference forward in training; TRL'
 reference as it would for DPO (with ``ref_model=None`` and no PEFT it loads one from the model's name or path;
 with ``precompute_ref_log_probs=True`` it loads none but runs one fused forward over the dataset instead).
 
-The extra trainable modules (DRDO's reward head, AuxDPO's ``delta``) live in ``trainer.fastpref_modules`` (an
-``nn.ModuleDict``; also ``trainer.reward_head`` / ``trainer.delta``): they join the optimizer as an extra
-parameter group (no weight decay; ``max_grad_norm`` clipping covers the model's parameters only, as Trainer
-clips), and :meth:`save_model` writes their state dict to ``fastpref_modules.pt`` next to the model (resuming
-from a checkpoint does not reload them). They need the Trainer-built optimizer. With several processes they are
-replicated on every rank and their gradients averaged over the ranks before each step (DDP's rule); under
-DeepSpeed or FSDP they get their own optimizer of the Trainer's class, settings and schedule
+The extra trainable modules (DRDO's reward head, AuxDPO's ``delta_raw``) live in ``trainer.fastpref_modules`` (an
+``nn.ModuleDict``; also ``trainer.reward_head`` / ``trainer.delta_raw``, and ``trainer.delta`` the bounded offsets):
+each joins the optimizer as its own parameter group (no weight decay; the reward head at the policy's learning
+rate, AuxDPO's offsets at ``delta_learning_rate`` = 5e-3: at the policy's ~5e-7 they would never move and AuxDPO
+would be DPO; ``max_grad_norm`` clipping covers the model's parameters only, as Trainer clips), and
+:meth:`save_model` writes their state dict to ``fastpref_modules.pt`` next to the model (resuming from a checkpoint
+does not reload them). They need the Trainer-built optimizer. With several processes they are replicated on every
+rank and their gradients averaged over the ranks before each step (DDP's rule); under DeepSpeed or FSDP (which own
+the model's optimizer) the same groups get their own optimizer of the Trainer's class, settings and schedule
 (:mod:`fastpref.distributed.replicated`).
+
+AuxDPO's null-space penalty: ``"head"`` restricts ``A`` to the reference LM head (exact, one more fused pass; a
+weaker constraint than the authors', whose ``A`` spans every trainable parameter); ``"params"`` is the authors'
+form, by double backward through the reference model's materialized logits over its copies of the parameters the
+policy trains (all of them in full fine-tuning): exact but costly, for small models; it needs a separate
+``ref_model`` (a PEFT policy's adapter-disabled base is refused).
 
 Logged metrics keep TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``, ``aux_loss``; plus each fastpref
@@ -109,8 +129,16 @@ except ImportError as exc:  # pragma: no cover - trl is an optional dependency
     raise ImportError("fastpref.integrations.trl needs TRL: `pip install 'fastpref[trl]'`") from exc
 
 from ..logprobs import BACKENDS
-from ..losses.auxdpo import DEFAULT_LAMBDA_AMP, DEFAULT_LAMBDA_NULL, auxdpo_loss
-from ..losses.auxdpo_penalty import head_null_penalty
+from ..losses.auxdpo import (
+    DEFAULT_CAP,
+    DEFAULT_DELTA_LR,
+    DEFAULT_INIT_STD,
+    DEFAULT_LAMBDA_AMP,
+    DEFAULT_LAMBDA_NULL,
+    auxdpo_loss,
+    bounded_delta,
+)
+from ..losses.auxdpo_penalty import head_null_penalty, param_null_penalty
 from ..losses.dpo import dpo_loss, simpo_loss
 from ..losses.drdo import drdo_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
@@ -127,16 +155,17 @@ METHODS = ("dpo", "pro", "simpo", "typo", "drdo", "auxdpo")
 REFERENCE_FREE = ("simpo", "typo", "drdo")
 ORACLE_COLUMNS = ("oracle_chosen", "oracle_rejected")
 INDEX_COLUMN = "example_index"
-_NULL_PENALTIES = ("head", None)
+_NULL_PENALTIES = ("head", "params", None)
 # method -> its own settings and their defaults (``beta`` always comes from DPOConfig.beta)
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "dpo": {},
-    "pro": {"eta": DEFAULT_ETA, "alpha": None, "hyper_response": "exact"},
+    "pro": {"eta": DEFAULT_ETA, "alpha": None, "hyper_response": "exact", "require_optimum": True},
     "simpo": {"gamma": 0.5},
-    "typo": {},
+    "typo": {"lam": None},
     "drdo": {"alpha": 0.1, "gamma": 2.0, "reward_head": None},
     "auxdpo": {"lambda_null": DEFAULT_LAMBDA_NULL, "lambda_amp": DEFAULT_LAMBDA_AMP, "null_penalty": "head",
-               "num_examples": None},
+               "num_examples": None, "cap": DEFAULT_CAP, "init_std": DEFAULT_INIT_STD,
+               "delta_learning_rate": DEFAULT_DELTA_LR},
 }
 # Batch keys that are not model inputs: TRL's, and the extra columns of drdo/auxdpo.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ORACLE_COLUMNS, INDEX_COLUMN}
@@ -221,20 +250,29 @@ class FastPrefDPOTrainer(DPOTrainer):
             self.fastpref_modules["reward_head"] = head.to(self.args.device)
             self._fastpref_columns.update({name: torch.float32 for name in ORACLE_COLUMNS})
         elif method == "auxdpo":
+            settings = self.fastpref_method_kwargs
+            if settings["null_penalty"] == "params" and self.ref_model is None:
+                raise _error("method='auxdpo' with null_penalty='params' differentiates the reference model's "
+                             "parameters, so it needs a separate `ref_model` (a PEFT policy's adapter-disabled base "
+                             "has none to differentiate); pass ref_model=..., or use null_penalty='head'")
+            if settings["null_penalty"] == "params" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                raise NotImplementedError("FastPrefDPOTrainer: method='auxdpo' with null_penalty='params' "
+                                          "differentiates the reference model's parameters, which FSDP / DeepSpeed "
+                                          "shard; use null_penalty='head' (the reference head, gathered)")
             offsets = nn.Module()
-            offsets.delta = nn.Parameter(torch.zeros(2 * self._fastpref_num_examples, device=self.args.device))
-            self.fastpref_modules["auxdpo"] = offsets
+            offsets.delta_raw = nn.Parameter(torch.randn(2 * self._fastpref_num_examples) * settings["init_std"])
+            self.fastpref_modules["auxdpo"] = offsets.to(self.args.device)
             self._fastpref_columns[INDEX_COLUMN] = torch.long
         if self._fastpref_columns:
             optional = {INDEX_COLUMN}  # evaluation batches of auxdpo use delta = 0 and need no index
             self.data_collator = ExtraColumnsCollator(self.data_collator, self._fastpref_columns, optional)
-        self._fastpref_replicated = None
-        if len(self.fastpref_modules) and (self.args.world_size > 1 or self.is_deepspeed_enabled
-                                           or self.is_fsdp_enabled):
-            # several processes: the extra parameters are replicated, their gradients averaged over the ranks; under
-            # DeepSpeed / FSDP they get their own optimizer (fastpref.distributed.replicated)
-            self._fastpref_replicated = ReplicatedParameters(
-                list(self.fastpref_modules.parameters()), own_optimizer=self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        # The extra parameters are replicated on every rank: gradients averaged over the ranks before each step and
+        # cleared after it (the Trainer clears only the model's); under DeepSpeed / FSDP, which own the model's
+        # optimizer, their groups get an optimizer of their own (fastpref.distributed.replicated)
+        self._fastpref_replicated = ReplicatedParameters(
+            list(self.fastpref_modules.parameters()), self._fastpref_param_groups,
+            own_optimizer=bool(self.is_deepspeed_enabled or self.is_fsdp_enabled))
+        if len(self.fastpref_modules):
             self.add_callback(self._fastpref_replicated)
 
     # ------------------------------------------------------------------------------------------ properties
@@ -245,9 +283,16 @@ class FastPrefDPOTrainer(DPOTrainer):
         return self.fastpref_modules["reward_head"] if "reward_head" in self.fastpref_modules else None
 
     @property
-    def delta(self) -> Optional[nn.Parameter]:
-        """AuxDPO's per-example offsets ``[2 * num_examples]`` (``method="auxdpo"``), else None."""
-        return self.fastpref_modules["auxdpo"].delta if "auxdpo" in self.fastpref_modules else None
+    def delta_raw(self) -> Optional[nn.Parameter]:
+        """AuxDPO's trainable ``delta_raw [2 * num_examples]`` (``method="auxdpo"``), else None."""
+        return self.fastpref_modules["auxdpo"].delta_raw if "auxdpo" in self.fastpref_modules else None
+
+    @property
+    def delta(self) -> Optional[torch.Tensor]:
+        """AuxDPO's per-example offsets ``cap * tanh(delta_raw)`` ``[2 * num_examples]`` (``method="auxdpo"``)."""
+        if "auxdpo" not in self.fastpref_modules:
+            return None
+        return bounded_delta(self.fastpref_modules["auxdpo"].delta_raw, self.fastpref_method_kwargs["cap"])
 
     @property
     def uses_reference(self) -> bool:
@@ -322,15 +367,23 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        params = [p for p in self.fastpref_modules.parameters() if p.requires_grad]
-        if getattr(self, "_fastpref_replicated", None) is not None and self._fastpref_replicated.own_optimizer:
-            params = []  # stepped by their own optimizer (DeepSpeed / FSDP own this one)
-        if params and self.optimizer is not None:
+        if self.optimizer is not None and not self._fastpref_replicated.own_optimizer:
             held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            new = [p for p in params if id(p) not in held]
-            if new:
-                self.optimizer.add_param_group({"params": new, "weight_decay": 0.0})
+            for group in self._fastpref_param_groups(held):
+                self.optimizer.add_param_group(group)
         return optimizer if optimizer is not None else self.optimizer
+
+    def _fastpref_param_groups(self, held=frozenset()) -> list[dict]:
+        """One optimizer group per trainer-owned module (no weight decay; AuxDPO's offsets at their own rate)."""
+        groups = []
+        for name, module in self.fastpref_modules.items():
+            new = [p for p in module.parameters() if p.requires_grad and id(p) not in held]
+            if new:
+                group = {"params": new, "weight_decay": 0.0}
+                if name == "auxdpo":  # the authors' learning rate for delta, not the policy's
+                    group["lr"] = self.fastpref_method_kwargs["delta_learning_rate"]
+                groups.append(group)
+        return groups
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -423,8 +476,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             n_chosen, n_rejected = pol.n_response.chunk(2, dim=0)
             loss, metrics = simpo_loss(chosen, rejected, n_chosen, n_rejected, beta=args.beta,
                                        label_smoothing=args.label_smoothing, backend=backend, **settings)
-        elif method == "typo":
-            loss, metrics = typo_loss(chosen, rejected, unsup_logps=None, backend=backend, **settings)
+        elif method == "typo":  # lam = 0.0, explicitly: the supervised term alone (checked at construction)
+            loss, metrics = typo_loss(chosen, rejected, unsup_logps=None, backend=backend)
         elif method == "drdo":
             head = self.fastpref_modules["reward_head"]
             dtype = next(head.parameters()).dtype
@@ -494,7 +547,7 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     def _auxdpo_loss(self, inputs, chosen, rejected, ref_chosen, ref_rejected, ref_hidden, ref_head, mode):
         settings = self.fastpref_method_kwargs
-        delta = self.fastpref_modules["auxdpo"].delta
+        delta = self.delta
         if mode == "train":
             if INDEX_COLUMN not in inputs:
                 raise _error(f"method='auxdpo' needs the `{INDEX_COLUMN}` column in every training batch")
@@ -505,7 +558,10 @@ class FastPrefDPOTrainer(DPOTrainer):
         else:  # delta belongs to the training examples; evaluation is AuxDPO with zero offsets
             delta_chosen = delta_rejected = torch.zeros_like(chosen)
         penalty = None
-        if ref_hidden is not None:
+        if mode == "train" and settings["null_penalty"] == "params":
+            penalty = self._param_null_penalty(inputs, torch.cat([delta_chosen, delta_rejected]))
+            penalty = penalty.to(chosen.device).reshape(())
+        elif ref_hidden is not None:
             lm, wrapped = ref_head
             module = lm.get_output_embeddings()
             head, transform = resolve_head(module), lm.__dict__[_STATE].transform
@@ -529,6 +585,27 @@ class FastPrefDPOTrainer(DPOTrainer):
             torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
             bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
             softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
+
+
+    def _param_null_penalty(self, inputs, delta: torch.Tensor) -> torch.Tensor:
+        """AuxDPO's ``||A delta||^2`` over the reference copies of every parameter the policy trains (the authors'
+        form), by double backward through the reference model's materialized logits."""
+        policy = self.accelerator.unwrap_model(self.model)
+        reference = self.accelerator.unwrap_model(self.ref_model)
+        trained = {n for n, p in policy.named_parameters() if p.requires_grad}
+        params = [p for n, p in reference.named_parameters() if n in trained]
+        if not params:
+            raise _error("null_penalty='params' found no reference parameter named like the policy's trainable "
+                         "ones; the reference model must have the policy's architecture")
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        scored = inputs["completion_mask"][:, 1:].bool() & attention[:, 1:].bool() & attention[:, :-1].bool()
+
+        def ref_logps():  # the model's own forward (not logps_only): double-differentiable
+            logits = reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
+            token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            return (token * scored).sum(-1)
+
+        return param_null_penalty(ref_logps, params, delta.to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -611,10 +688,6 @@ def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
     try:
         _dummy_loss(config, method, settings)
     except (TypeError, ValueError) as exc:
-        if method == "typo" and "unsup" in str(exc):
-            raise NotImplementedError(
-                "FastPrefDPOTrainer: method='typo' needs fastpref.losses.typo_loss to accept unsup_logps=None (the "
-                f"pairwise term alone); this fastpref's typo_loss does not: {exc}") from exc
         raise _error(f"bad configuration for method={method!r}: {exc}") from exc
 
 
@@ -639,13 +712,25 @@ def _dummy_loss(config: DPOConfig, method: str, settings: dict) -> None:
     elif method == "simpo":
         simpo_loss(cw, cl, n, n, beta=config.beta, label_smoothing=config.label_smoothing, **settings)
     elif method == "typo":
-        typo_loss(cw, cl, unsup_logps=None, **settings)
+        if settings["lam"] is None or settings["lam"] != 0.0:
+            raise NotImplementedError(
+                "FastPrefDPOTrainer: method='typo' needs responses sampled from the reference model for its "
+                "unsupervised term (lam * E[-log pi(y_u)], lam = 0.05), which a TRL preference dataset cannot carry; "
+                "without them it would silently train with lam = 0. Use fastpref.trainer.TYPOTrainer with samples "
+                "from fastpref.sampling.sample_reference_responses, or pass method_kwargs={'lam': 0.0} to train the "
+                "supervised term alone on purpose")
+        typo_loss(cw, cl, unsup_logps=None)
     elif method == "drdo":
         drdo_loss(cw, cl, t(0.0, 0.0), t(0.0, 0.0), t(1.0, 0.0), t(0.0, 1.0), alpha=settings["alpha"],
                   gamma=settings["gamma"])
     else:
         auxdpo_loss(cw, cl, rw, rl, t(0.0, 0.0), t(0.0, 0.0), beta=config.beta, null_penalty=t(0.0)[0],
                     lambda_null=settings["lambda_null"], lambda_amp=settings["lambda_amp"])
+        bounded_delta(cw, settings["cap"])
+        for name in ("init_std", "delta_learning_rate"):
+            value = settings[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}")
 
 
 def _check_owned_modules(config: DPOConfig, method: str, settings: dict, optimizers) -> None:

@@ -1,4 +1,4 @@
-"""Loss heads over per-sequence scalars (METHODS.md): functional API and AuxDPO's null-space penalties."""
+"""Loss heads over per-sequence scalars (docs/methods.md): functional API and AuxDPO's null-space penalties."""
 
 from . import functional
 from .auxdpo_penalty import head_null_penalty, null_space_basis, param_null_penalty

@@ -143,10 +143,10 @@ class Checker:
             raise self.value_error(f"unknown {name} {v!r}; expected one of {list(options)}")
         return v
 
-    def negative(self, name: str, x: torch.Tensor, why: str) -> None:
-        """Log-probs that feed ``log1mexp`` must be strictly negative."""
-        if not bool((x < 0).all()):
-            raise self.value_error(f"`{name}` must be < 0 ({why}); got max {float(x.max())}")
+    def nonpositive(self, name: str, x: torch.Tensor, why: str) -> None:
+        """Log-probs are <= 0 (0 is a valid, confident prediction; :func:`safe_log1mexp` handles it)."""
+        if not bool((x <= 0).all()):
+            raise self.value_error(f"`{name}` must be <= 0 ({why}); got max {float(x.max())}")
 
 
 def _is_integer(x: torch.Tensor) -> bool:

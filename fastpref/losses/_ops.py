@@ -1,8 +1,10 @@
-"""Numerical building blocks shared by the functional losses (METHODS.md section 0).
+"""Numerical building blocks shared by the functional losses (docs/methods.md section 0).
 
 * :func:`log1mexp` -- ``log(1 - e^a)`` for ``a < 0``, stable over the whole range a sequence log-prob takes
   (-1e5 .. -1e-8 in fp32).
-* :func:`pro_f` -- ``f(x) = 1/2 softplus(x) + 1/2 softplus(-x)`` (PRO's regularizer link, METHODS.md section 2).
+* :func:`safe_log1mexp` -- the same, continued linearly (value and slope) above ``a = -2^-24``, so that a log-prob
+  of exactly 0, or a subnormal one, gives a finite hyper response / focal term and a finite gradient.
+* :func:`pro_f` -- ``f(x) = 1/2 softplus(x) + 1/2 softplus(-x)`` (PRO's regularizer link, docs/methods.md section 2).
 * :class:`Groups` -- rows grouped by an integer id (a prompt), padded to ``[G, K_max]`` so that per-group sums,
   means, log-sum-exps and pairwise terms are plain tensor ops (differentiable by autograd).
 """
@@ -18,7 +20,7 @@ LOG2 = math.log(2.0)
 
 
 def log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(a))`` for ``a < 0`` (METHODS.md section 0).
+    """``log(1 - exp(a))`` for ``a < 0`` (docs/methods.md section 0).
 
     ``log(-expm1(a))`` for ``a > -ln 2`` and ``log1p(-exp(a))`` otherwise (Maechler, "Accurately computing
     log(1 - exp(-|a|))", 2012).  Each branch sees a clamped copy of ``a`` so the branch ``torch.where`` discards
@@ -33,6 +35,31 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
     a_near = torch.where(near, a, torch.full_like(a, -LOG2))
     a_far = torch.where(near, torch.full_like(a, -LOG2), a)
     return torch.where(near, torch.log(-torch.expm1(a_near)), torch.log1p(-torch.exp(a_far)))
+
+
+# fp32 cannot resolve a probability within 2^-24 of 1 (``1 - 2^-24`` is the largest float32 below 1, and a
+# log-prob in (-2^-24, 0] rounds the probability to 1): below that distance the log-prob carries no information.
+SAFE_LOG1MEXP_EPS = 2.0**-24
+_SAFE_L0 = math.log(-math.expm1(-SAFE_LOG1MEXP_EPS))  # log1mexp(-eps)  = -16.6355...
+_SAFE_D0 = -1.0 / math.expm1(SAFE_LOG1MEXP_EPS)  # log1mexp'(-eps) = -16777215.5
+
+
+def safe_log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """``log1mexp(a)`` for ``a <= -2^-24``; above it (``a`` in ``(-2^-24, 0]``, or slightly positive from rounding)
+    the tangent line at ``-2^-24``: ``log1mexp(-eps) + (a + eps) * log1mexp'(-eps)``, ``eps = 2^-24``.
+
+    The hyper response of PRO ('exact') and DRDO's ``log(1 - pi(y_l))`` need ``log(1 - pi)`` of a sequence whose
+    probability may round to exactly 1 (``logp = 0``, even in float64) or be subnormally close to it
+    (``logp = -1e-40``), where ``log1mexp`` is ``-inf`` and its slope ``-1/|a|`` overflows.  fp32 cannot resolve a
+    probability within ``2^-24`` of 1, so there the function is continued with its value and slope at ``-2^-24``
+    (C1, finite: ``log(1 - pi) >= -17.6`` at ``a = 0``, slope ``-1.68e7``).  Below ``-2^-24`` it is ``log1mexp``
+    exactly.  Same constant in every dtype, so fp32, float64 and the fused kernels compute one function.
+    """
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        raise TypeError("safe_log1mexp: `a` must be a floating torch.Tensor")
+    near = a > -SAFE_LOG1MEXP_EPS
+    exact = log1mexp(torch.clamp(a, max=-SAFE_LOG1MEXP_EPS))
+    return torch.where(near, _SAFE_L0 + (a + SAFE_LOG1MEXP_EPS) * _SAFE_D0, exact)
 
 
 def pro_f(x: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Source of the DPO formulas: TRL's ``DPOTrainer._compute_loss`` (``trl/trainer/dpo_trainer.py``, TRL 1.16), transcribed
 term for term so that the same inputs give the same loss to fp32 rounding (tested against TRL's own code in
 ``tests/test_losses_trl_parity.py``).  SimPO follows TRL's ``CPOTrainer.cpo_loss`` (``loss_type="simpo"``); e-DPO is
-Fisch et al., "Robust Preference Optimization through Reward Model Distillation" (METHODS.md section 1).
+Fisch et al., "Robust Preference Optimization through Reward Model Distillation" (docs/methods.md section 1).
 
-Notation (METHODS.md section 0): ``rho = logp - ref_logp`` per sequence, ``Delta = rho_w - rho_l``,
+Notation (docs/methods.md section 0): ``rho = logp - ref_logp`` per sequence, ``Delta = rho_w - rho_l``,
 ``r = beta * rho`` (implicit reward).  Rows are pairs: ``chosen_*[i]`` and ``rejected_*[i]`` belong to pair ``i``.
 """
 
@@ -81,7 +81,9 @@ def dpo_loss(
     ``aot_unpaired``    same with ``x = sort(rho_w) - sort(rho_l)``
     ``apo_zero``        ``1 - sigma(r_w) + sigma(r_l)``
     ``apo_down``        ``sigma(r_w) + 1 - sigma(r_w - r_l)``
-    ``discopop``        ``(1 - m) (-log sigma(z)) + m exp(-z)``, ``z = beta d``, ``m = sigma(z / discopop_tau)``
+    ``discopop``        ``(1 - m) (-log sigma(z)) + m exp(-z)``, ``z = beta d``, ``m = sigma(z / discopop_tau)``;
+                        ``m exp(-z)`` is computed as ``exp(log sigma(z / tau) - z)``: finite where TRL's ``inf * 0``
+                        is NaN (``z = -90``: the loss is ``softplus(90) = 90``)
     ``sft``             ``-sum_i logp_w,i / sum_i n_w,i``: the token-mean NLL of the chosen responses over the
                         whole batch (TRL averages the chosen tokens' log-probs), so it needs ``chosen_lengths``
     ``sigmoid_norm``    ``-log sigma(beta (s_w / n_w - s_l / n_l))``
@@ -103,12 +105,19 @@ def dpo_loss(
         discopop_tau: DiscoPOP's mixing temperature (TRL default 0.05).
         f_divergence_type, f_alpha_divergence_coef: TRL's f-DPO scores (defaults ``reverse_kl``, 0.5):
             ``forward_kl`` ``s = 1 - e^{-rho}``; ``js_divergence`` ``s = log 2 + log sigma(rho)``;
-            ``alpha_divergence`` ``s = (e^{(a-1) rho} - 1) / (a - 1)`` (exponent clamped at 80 as TRL does).
+            ``alpha_divergence`` ``s = (e^{(a-1) rho} - 1) / (a - 1)`` (exponent clamped at 80 as TRL does, so the
+            score is TRL's, not the true f-divergence's, beyond ``(a-1) rho = 80``).
             Only for the types TRL allows (sigmoid, sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft).
+            **Range**: these scores grow like ``e^{|rho|}``; computed in the inputs' precision (fp32 for fp32,
+            bf16 and fp16 inputs) ``forward_kl``'s ``e^{-rho}`` exceeds fp32 for log-ratios ``rho < -88.7`` (float64:
+            ``rho < -709.8``), where the true score and loss are not representable.  There, instead of returning
+            inf or NaN (TRL does), ``dpo_loss`` raises ``ValueError`` naming the divergence and the log-ratio: pass
+            float64 log-probs, or use ``reverse_kl`` / ``js_divergence``, which are finite for every log-ratio.
         loss_weights: one weight per entry of ``loss_type`` (default all 1).
         wpo_weights: per-pair weights ``[B]`` multiplying every per-pair loss: TRL's ``use_weighting=True`` (WPO)
             computes them, under ``no_grad``, as the product of the chosen and rejected sequences'
-            ``exp(mean_t (logp_t - log sum_v p_tv^2))``; pass them detached.  Not allowed with ``aot*`` (TRL).
+            ``exp(mean_t (logp_t - log sum_v p_tv^2))``; pass them detached.  Must be >= 0 (weights of a mean).
+            Not allowed with ``aot*`` (TRL).
         backend: ``'auto'`` (fused loss-head kernel for CUDA inputs), ``'triton'`` or ``'torch'`` (this expression);
             see ``fastpref.losses.fused`` for what is fused (a single loss type other than ``aot*``/``sft``, reverse
             KL) and what falls back.
@@ -161,6 +170,8 @@ def dpo_loss(
         if {"aot", "aot_unpaired"} & set(types):
             raise ck.value_error("`wpo_weights` cannot be used with 'aot'/'aot_unpaired' (they sort the pairs)")
         wpo = ck.floats("wpo_weights", wpo_weights, n)
+        if not bool((wpo >= 0).all()):
+            raise ck.value_error(f"`wpo_weights` must be >= 0 (per-pair weights), got min {float(wpo.min())}")
 
     cw, cl, rw, rl = (ck.cast(x) for x in (cw, cl, rw, rl))
     dtype = ck.dtype
@@ -174,6 +185,8 @@ def dpo_loss(
     chosen_logratios = cw - rw
     rejected_logratios = cl - rl
     chosen_scores, rejected_scores = _f_divergence_scores(chosen_logratios, rejected_logratios, fdiv, fcoef)
+    if fdiv in ("forward_kl", "alpha_divergence"):
+        _check_scores_finite(ck, fdiv, chosen_logratios, rejected_logratios, chosen_scores, rejected_scores)
     delta_score = chosen_scores - rejected_scores
 
     loss = None
@@ -190,6 +203,12 @@ def dpo_loss(
                 per_pair = per_pair * wpo
             term = per_pair.mean() * w
             loss = term if loss is None else loss + term
+    if fdiv in ("forward_kl", "alpha_divergence") and not bool(torch.isfinite(loss)):
+        worst = float(torch.cat([chosen_logratios, rejected_logratios]).detach().abs().max())
+        raise ck.value_error(
+            f"f_divergence_type={fdiv!r}: the loss overflows {loss.dtype} (largest |log-ratio| {worst:.4g}; the score "
+            "grows like e^|rho|); pass float64 log-probs or use 'reverse_kl' / 'js_divergence'"
+        )
 
     metrics = pair_metrics(beta * chosen_logratios, beta * rejected_logratios, cw, cl)
     return loss, metrics
@@ -209,6 +228,17 @@ def _f_divergence_scores(chosen_logratios, rejected_logratios, fdiv, coef):
     t_w = torch.clamp((coef - 1.0) * chosen_logratios, max=80.0)
     t_l = torch.clamp((coef - 1.0) * rejected_logratios, max=80.0)
     return (torch.exp(t_w) - 1.0) * inv, (torch.exp(t_l) - 1.0) * inv
+
+
+def _check_scores_finite(ck, fdiv, clr, rlr, cs, rs) -> None:
+    bad = ~(torch.isfinite(cs) & torch.isfinite(rs) & torch.isfinite(cs - rs))
+    if bool(bad.any()):
+        worst = float(torch.cat([clr[bad], rlr[bad]]).detach().abs().max())
+        raise ck.value_error(
+            f"f_divergence_type={fdiv!r}: the score of a log-ratio of magnitude {worst:.4g} exceeds {cs.dtype}'s "
+            "range (the score grows like e^|rho|), so the loss is not representable; pass float64 log-probs "
+            "(forward_kl is finite for rho > -709.8) or use 'reverse_kl' / 'js_divergence'"
+        )
 
 
 def _per_pair_loss(t, beta, ls, tau, cw, cl, rw, rl, clr, rlr, cs, rs, d, n_w, n_l):
@@ -245,8 +275,9 @@ def _per_pair_loss(t, beta, ls, tau, cw, cl, rw, rl, clr, rlr, cs, rs, d, n_w, n
         return torch.sigmoid(beta * clr) + 1 - torch.sigmoid(beta * (clr - rlr))
     if t == "discopop":
         z = beta * d
-        m = torch.sigmoid(z / tau)
-        return -F.logsigmoid(z) * (1 - m) + torch.exp(-z) * m
+        # (1 - m) softplus(-z) + m e^-z with m = sigma(z / tau); m e^-z = exp(log sigma(z / tau) - z) never overflows
+        # where the true value is finite (TRL's e^-z * m is inf * 0 = NaN at z = -90).
+        return -F.logsigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(F.logsigmoid(z / tau) - z)
     if t == "sft":
         return (-cw.sum() / n_w.sum()).expand(cw.shape[0])
     if t == "sigmoid_norm":
@@ -265,7 +296,7 @@ def simpo_loss(
     label_smoothing: float = 0.0,
     backend: str = "auto",
 ):
-    r"""SimPO (Meng et al., 2024), reference-free (METHODS.md section 1)::
+    r"""SimPO (Meng et al., 2024), reference-free (docs/methods.md section 1)::
 
         z    = beta * (logp_w / n_w - logp_l / n_l) - gamma
         loss = mean( -(1 - ls) log sigma(z) - ls log sigma(-z) )
@@ -313,7 +344,7 @@ def distill_loss(
     beta: float = 0.1,
     backend: str = "auto",
 ):
-    r"""e-DPO / reward-model distillation (Fisch et al., 2024; METHODS.md section 1)::
+    r"""e-DPO / reward-model distillation (Fisch et al., 2024; docs/methods.md section 1)::
 
         loss = mean( (R_w - R_l - beta * (rho_w - rho_l))^2 )
 

@@ -16,7 +16,8 @@ Computed in fp32.  Fused (backend 'triton', or 'auto' on CUDA):
   'reverse_kl'``, optional ``wpo_weights`` (detached);
 * ``simpo_loss``, ``distill_loss``, ``auxdpo_loss``'s sigmoid term (the ``lambda_amp`` and null-space penalties
   stay in torch), ``typo_loss``'s pair term (the unsupervised term, ``-lam mean(logp_u)``, has a constant gradient
-  and stays in torch), ``drdo_loss`` (gradients to both log-probs, the student rewards and the oracle rewards);
+  and stays in torch), ``drdo_loss`` (gradients to both log-probs and the student rewards; the oracle
+  rewards are data, detached as in the torch expression);
 * ``pro_loss``: pairwise (elementwise kernel, exact hyper response per pair), binary (per row), scalar (grouped
   kernel, one program per group, groups of up to 1024 rows);
 * ``dro_loss``: elementwise; a row's term is weighted ``1 / (G K_g)`` (mean over each prompt's responses, then
@@ -27,7 +28,7 @@ Falls back to torch (same result): float64 inputs (the kernels are fp32; float64
 once, f-divergences other than reverse KL, PRO-S groups larger than 1024, and any input that requires grad where
 the kernel has no gradient for it (PRO's reference log-probs, lengths, ``wpo_weights``: see ``_GRADS``).  Every
 other differentiable input gets its closed-form gradient (reference log-probs of the DPO family, e-DPO and AuxDPO
-as ``-dL/dlogp``; rewards of e-DPO, PRO-S and DRO; AuxDPO's delta; DRDO's student and oracle rewards).
+as ``-dL/dlogp``; rewards of e-DPO, PRO-S and DRO; AuxDPO's delta; DRDO's student rewards).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ _GRADS = {
     "typo": {"c": (1, 1.0), "l": (2, 1.0)},
     "distill": {**_RHO, "x1": (3, 1.0), "x2": (4, 1.0)},
     "auxdpo": {**_RHO, "x1": (3, 1.0), "x2": (4, 1.0)},
-    "drdo": {"c": (1, 1.0), "l": (2, 1.0), "x1": (3, 1.0), "x2": (4, 1.0), "x3": (3, -1.0), "x4": (4, -1.0)},
+    "drdo": {"c": (1, 1.0), "l": (2, 1.0), "x1": (3, 1.0), "x2": (4, 1.0), "x3": "detached", "x4": "detached"},
     "pro_pair": {"c": (1, 1.0), "l": (2, 1.0)},
     "pro_binary": {"c": (1, 1.0), "x1": "detached"},
     "dro": {"c": (1, 1.0), "rc": (1, -1.0), "x1": (3, 1.0), "x2": "detached", "x3": "detached"},
@@ -207,7 +208,8 @@ class _ProScalarLoss(torch.autograd.Function):
 
 
 def pro_scalar(groups, lp, ref, R, *, beta, alpha, eta, tau, exact):
-    """PRO-S, mean over groups, one program per group (``groups``: ``fastpref.losses._ops.Groups``)."""
+    """PRO-S, mean over groups, one program per group (``groups``: ``fastpref.losses._ops.Groups``; ``alpha`` and
+    ``eta``: per-group ``[G]`` tensors, in sorted-group order)."""
     from fastpref.kernels.loss_grouped import MAX_GROUP
 
     if ref.requires_grad or groups.kmax > MAX_GROUP:
@@ -215,8 +217,8 @@ def pro_scalar(groups, lp, ref, R, *, beta, alpha, eta, tau, exact):
     rows = torch.argsort(groups.inv, stable=True).to(torch.int32)
     counts = groups.counts.to(torch.int32)
     starts = (torch.cumsum(groups.counts, 0) - groups.counts).to(torch.int32)
-    launch = dict(rows=rows, starts=starts, counts=counts, kmax=groups.kmax, beta=beta, alpha=alpha, eta=eta,
-                  tau=tau, exact=exact)
+    launch = dict(rows=rows, starts=starts, counts=counts, kmax=groups.kmax, beta=beta, alpha=alpha.to(lp.device),
+                  eta=eta.to(lp.device), tau=tau, exact=exact)
     return _ProScalarLoss.apply(launch, lp, ref, R)
 
 

@@ -82,8 +82,9 @@ def nca_loss(
         pos = torch.where(mask, q * F.logsigmoid(rp), zero).sum(1)
         per_group = -neg - pos
     else:
-        logp_model = torch.log_softmax(groups.pad(r, float("-inf")), dim=1)
-        per_group = -torch.where(mask, q * logp_model, zero).sum(1)
+        # padding slots hold -inf logits; zero them before the product, else 0 * -inf poisons q's gradient
+        logp_model = torch.where(mask, torch.log_softmax(groups.pad(r, float("-inf")), dim=1), zero)
+        per_group = -(q * logp_model).sum(1)
     loss = per_group.mean()
 
     if scalar:

@@ -1,4 +1,4 @@
-"""TYPO (seed ``002``: "New Desiderata for Direct Preference Optimization"), METHODS.md section 4."""
+"""TYPO (seed ``002``: "New Desiderata for Direct Preference Optimization"), docs/methods.md section 4."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def typo_loss(
     lam: float = 0.05,
     backend: str = "auto",
 ):
-    r"""TYPO loss (seed 002, "New Desiderata for DPO"; METHODS.md section 4), reference-free::
+    r"""TYPO loss (seed 002, "New Desiderata for DPO"; docs/methods.md section 4), reference-free::
 
         loss = mean_pairs softplus(logp_l - logp_w)  +  lam * mean_unsup( -logp_u )
 
