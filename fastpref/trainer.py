@@ -79,8 +79,8 @@ from .collators import (
     ScalarFeedbackCollator,
     TYPOCollator,
 )
-from .integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from .distributed.wrappers import whole_shape
+from .integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from .integrations._trl_utils import capture_backbone_hidden
 from .integrations.transformers import _STATE, _targets, patch
 from .losses import (

@@ -1,6 +1,6 @@
 """The vocabulary-parallel head and context parallelism on 2 CPU processes (gloo), against one process.
 
-One launch runs every case (tests/multiprocess/vocab_context.py); each test below checks one case's numbers on
+One launch runs every case (tests/dist_workers/vocab_context.py); each test below checks one case's numbers on
 both ranks. A hang fails the launch after its timeout instead of blocking CI.
 """
 
@@ -11,7 +11,7 @@ import torch
 
 from fastpref import sequence_logprobs
 from tests.helpers import make_batch
-from tests.multiprocess.launch import launch
+from tests.dist_workers.launch import launch
 
 OUT_TOL, GRAD_TOL = 1e-6, 1e-5  # fp32, the same backend in one process: outputs and gradients
 

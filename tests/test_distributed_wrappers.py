@@ -14,7 +14,7 @@ import importlib.util
 
 import pytest
 
-from tests.multiprocess.launch import launch
+from tests.dist_workers.launch import launch
 
 TOL = 1e-6  # fp32: relative error of log-probs, loss and parameters after one step against one process
 BF16_TOL = 2e-2

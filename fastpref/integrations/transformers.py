@@ -291,7 +291,7 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
     if packed_cu is not None:
         hidden = hidden.reshape(-1, hidden.shape[-1])
         labels, segments = labels.reshape(-1), segments.reshape(-1)
-    # Decided at call time from the head's weight as this call sees it: read directly, or inside its FSDP unit /
+    # Decided at each call from the head module and its weight: read directly, or inside its FSDP unit /
     # ZeRO-3 module when it is sharded there (fastpref.distributed.wrappers). The tensors travel as arguments.
     fused = functools.partial(_head_logps, head, state, return_token_logps)
     logps = run_in_head_unit(module, head, fused, hidden, labels, segments, packed_cu)

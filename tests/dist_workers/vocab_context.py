@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from tests.multiprocess.common import expect_error, init, max_abs, rel, report, run_cases
+from tests.dist_workers.common import expect_error, init, max_abs, rel, report, run_cases
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

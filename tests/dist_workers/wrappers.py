@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 
-from tests.multiprocess.common import expect_error, init, max_abs, preference_batch, rel, report, run_cases, tiny_llama
+from tests.dist_workers.common import expect_error, init, max_abs, preference_batch, rel, report, run_cases, tiny_llama
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def launch(worker: str, *args: str, nproc: int = 2, timeout: float = 240.0, env: dict | None = None) -> list[dict]:
-    """Run ``tests/multiprocess/<worker>.py`` on ``nproc`` ranks; returns each rank's reported dict."""
+    """Run ``tests/dist_workers/<worker>.py`` on ``nproc`` ranks; returns each rank's reported dict."""
     script = HERE / f"{worker}.py"
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fastpref-mp-") as tmp:

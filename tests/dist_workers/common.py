@@ -12,7 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from tests.multiprocess.launch import report  # noqa: E402,F401
+from tests.dist_workers.launch import report  # noqa: E402,F401
 
 
 def init(backend: str = "gloo") -> int:

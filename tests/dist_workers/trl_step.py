@@ -1,9 +1,11 @@
 """Worker: one FastPrefDPOTrainer step under accelerate (DDP, FSDP2 or DeepSpeed ZeRO-3), methods dpo / auxdpo /
 drdo; ``reference`` runs the same step in one process.
 
-Two steps over a dataset of exactly one global batch (4 pairs: 2 per rank, or 4 in one process) with SGD and no
-clipping: the update does not depend on which rank saw which pair, so every parameter (the model's and the
-trainer's own: AuxDPO's ``delta``, DRDO's reward head) must equal the one-process update. Each rank writes its
+Two steps over a dataset of exactly one global batch of 4 pairs, with SGD and no clipping: 2 pairs per rank on 2
+ranks, against one process accumulating gradients over two micro-batches of 2 pairs (what data parallelism is
+equivalent to for any loss: AuxDPO's null-space penalty ``||A_B delta_B||^2`` is quadratic in its micro-batch, not a
+mean). Every parameter (the model's and the trainer's own: AuxDPO's ``delta_raw``, DRDO's reward head) must equal
+the one-process update. Each rank writes its
 parameters to ``<FASTPREF_OUT>/<mode>-<method>-rank<r>.pt``.
 
 accelerate leaves FSDP off for a CPU run (its FSDP switch only covers GPU-like devices) and counts one process under
@@ -19,7 +21,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.multiprocess.common import report, run_cases  # noqa: E402
+from tests.dist_workers.common import report, run_cases  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -32,7 +34,7 @@ PAIRS = 4
 if MODE == "zero3":
     import deepspeed.comm.torch  # noqa: F401,E402
 
-    # (see tests/multiprocess/zero3.py: a ~2.5 min C++ build of a CPU all-reduce that gloo replaces here)
+    # (see tests/dist_workers/zero3.py: a ~2.5 min C++ build of a CPU all-reduce that gloo replaces here)
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
@@ -112,7 +114,7 @@ def _config(method):
     from trl import DPOConfig
 
     kw = dict(output_dir=os.path.join(os.environ["FASTPREF_OUT"], f"{MODE}-{method}"),
-              per_device_train_batch_size=PAIRS // WORLD, max_steps=2, report_to=[], save_strategy="no",
+              per_device_train_batch_size=PAIRS // 2, gradient_accumulation_steps=2 // WORLD, max_steps=2, report_to=[], save_strategy="no",
               logging_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", seed=0,
               max_grad_norm=0.0, disable_tqdm=True, dataloader_num_workers=0, bf16=False, beta=0.5)
     if MODE in ("reference", "ddp"):
@@ -158,6 +160,9 @@ def step(method):
     ref = _model()  # TRL builds a reference for every method (the reference-free ones do not run it)
     trainer = FastPrefDPOTrainer(model, ref, args=_config(method), train_dataset=_dataset(),
                                  processing_class=_tokenizer(), fastpref_backend="torch", **kwargs)
+    if method == "auxdpo":  # its random initialization is drawn after the wrappers': the same start everywhere
+        with torch.no_grad():
+            trainer.delta_raw.copy_(torch.randn(trainer.delta_raw.shape, generator=torch.Generator().manual_seed(9)))
     trainer.train()
     facts = {"world": float(trainer.accelerator.num_processes)}
     if MODE == "fsdp2":

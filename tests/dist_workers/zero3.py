@@ -11,7 +11,7 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from tests.multiprocess.common import expect_error, preference_batch, rel, report, run_cases, tiny_llama  # noqa: E402
+from tests.dist_workers.common import expect_error, preference_batch, rel, report, run_cases, tiny_llama  # noqa: E402
 
 import deepspeed  # noqa: E402
 import deepspeed.comm.torch  # noqa: E402
@@ -25,7 +25,7 @@ from fastpref.integrations.transformers import patch  # noqa: E402
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # (`deepspeed.comm.torch` is torch itself)
 deepspeed.init_distributed(dist_backend="gloo")
 RANK, WORLD = dist.get_rank(), dist.get_world_size()
-B, LR = 4, 0.5
+B, LR, STEPS = 4, 0.5, 2
 COEF = torch.tensor([1.0, -0.7, 0.4, -1.3])
 MY_ROWS = slice(RANK * (B // WORLD), (RANK + 1) * (B // WORLD))
 CONFIG = {
@@ -48,11 +48,15 @@ def _loss(out, rows):
 
 
 def _reference(tie):
+    """One process, the whole batch, two SGD steps (the second sees whatever the first left gathered)."""
     model = patch(tiny_llama(tie=tie), backend="torch")
-    out = model(**_inputs(slice(None)))
-    loss = _loss(out, slice(None))
-    loss.backward()
-    torch.optim.SGD(model.parameters(), lr=LR).step()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(STEPS):
+        out = model(**_inputs(slice(None)))
+        loss = _loss(out, slice(None))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
     return out.logps.response.detach(), loss.detach(), {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -67,10 +71,11 @@ def zero3(*, tie=False, after=False):
     partitioned = float(head.ds_status.name == "NOT_AVAILABLE" and head.numel() == 0)
     if after:
         patch(engine, backend="torch")
-    out = engine(**_inputs(MY_ROWS))
-    loss = _loss(out, MY_ROWS)
-    engine.backward(loss)
-    engine.step()
+    for _ in range(STEPS):
+        out = engine(**_inputs(MY_ROWS))
+        loss = _loss(out, MY_ROWS)
+        engine.backward(loss)
+        engine.step()
     params = list(model.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         got = {n: p.detach().clone() for n, p in model.named_parameters()}
