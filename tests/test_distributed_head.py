@@ -106,3 +106,29 @@ def test_distributed_arguments_are_validated_before_any_collective():
     with pytest.raises(TypeError, match="context_parallel_group"):
         sequence_logprobs(h, w, labels, seg, context_parallel_group=object())
 
+
+
+def test_sequence_logprobs_fields_are_independent_tensors():
+    """FSDP2 registers its pre-backward hook on each output; an in-place op on a view of a shared buffer would drop
+    it (issue 11, item 7): every field owns its storage."""
+    h, w, labels, seg, _ = make_batch(B=3, T=6, D=8, V=17)
+    out = sequence_logprobs(h, w.requires_grad_(), labels, seg, backend="torch", return_token_logps=True)
+    fields = [out.response, out.prompt, out.n_response, out.n_prompt, out.token_logps]
+    assert all(f._base is None for f in fields[:4])  # the per-sequence fields: no views of a [S, 2] buffer
+    assert len({f.untyped_storage().data_ptr() for f in fields}) == len(fields)
+
+
+def test_tp_head_benchmark_smoke(tmp_path):
+    """benchmarks/tp_head.py (the first multi-GPU run's script) end to end on 2 CPU processes, tiny shapes."""
+    import json
+
+    from benchmarks import tp_head
+
+    assert tp_head.main(["--smoke", "--out", str(tmp_path), "--timeout-s", "240"]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "tp_head.json").read_text())["rows"]}
+    assert set(rows) == {"single", "tp-raw", "tp-dtensor"}
+    assert rows["single"]["world"] == 1 and rows["tp-raw"]["world"] == 2
+    for name in ("tp-raw", "tp-dtensor"):
+        r = rows[name]
+        assert r["median_ms"] > 0 and r["loss_rel_err"] < 1e-5, r
+        assert r["dw_rel_err"] < 1e-5 and r["dh_rel_err"] < 1e-2, r  # bf16 dH: one rounding per shard
