@@ -27,6 +27,7 @@ exchanged beyond the head's own reductions.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -35,14 +36,12 @@ import torch.distributed as dist
 from ._collectives import ProcessGroup, all_gather_rows, require_group, sum_across_group
 from .sharded_head import ShardedHead
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover - torch without DTensor
-    DTensor = Replicate = Shard = None
-
-
 def is_dtensor(x) -> bool:
-    return DTensor is not None and isinstance(x, DTensor)
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``, without importing that module (about 1 s): a DTensor
+    can only exist once it is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    cls = getattr(module, "DTensor", None)
+    return cls is not None and isinstance(x, cls)
 
 
 def requested(hidden, weight, bias, vocab_parallel_group, vocab_range, context_parallel_group) -> bool:
@@ -212,6 +211,8 @@ def _rows(weight) -> Optional[int]:
 def _local_hidden(hidden):
     if not is_dtensor(hidden):
         return hidden
+    from torch.distributed.tensor import Replicate
+
     if not all(isinstance(p, Replicate) for p in hidden.placements):
         raise ValueError(f"`hidden` is a DTensor with placements {hidden.placements}; the head needs the hidden "
                          "states replicated on the ranks that share the head (redistribute to Replicate(), or "
@@ -220,6 +221,8 @@ def _local_hidden(hidden):
 
 
 def _resolve_dtensor(hidden, weight, bias, context_group) -> DistributedHead:
+    from torch.distributed.tensor import Replicate, Shard
+
     if weight.dim() != 2:
         raise ValueError(f"`weight` must be 2-D [V, D], got shape {tuple(weight.shape)}")
     mesh, placements = weight.device_mesh, tuple(weight.placements)

@@ -28,6 +28,7 @@ would stay on each rank, unreduced).
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from typing import Any, Callable, Iterator, Optional
 
@@ -42,23 +43,19 @@ _FORWARD_METHOD = "_fastpref_fused_forward"
 # ---------------------------------------------------------------------------------------------- wrapper types
 
 
+def _fsdp_attr(name: str):
+    """``torch.distributed.fsdp.<name>`` if that package is imported (no FSDP object can exist otherwise: checking
+    costs nothing for users who never import it)."""
+    module = sys.modules.get("torch.distributed.fsdp")
+    return getattr(module, name, None)
+
+
 def _fsdp1_class():
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover
-        return None
-    return FullyShardedDataParallel
+    return _fsdp_attr("FullyShardedDataParallel")
 
 
 def _fsdp2_class():
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:
-            return None
-    return FSDPModule
+    return _fsdp_attr("FSDPModule")
 
 
 def is_fsdp1(module) -> bool:
