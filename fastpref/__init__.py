@@ -6,10 +6,12 @@ heads in :mod:`fastpref.losses`. See ``README.md``.
 
 from . import losses
 from .heads import AuxDPOLoss, DPOLoss, DRDOLoss, DROLoss, PROLoss, SimPOLoss, TYPOLoss
+from ._validation import NonFiniteError
 from .logprobs import SequenceLogProbs, sequence_logprobs
 
 __version__ = "0.1.0"
 __all__ = [
-    "AuxDPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "PROLoss", "SequenceLogProbs", "SimPOLoss", "TYPOLoss",
+    "AuxDPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "NonFiniteError", "PROLoss", "SequenceLogProbs", "SimPOLoss",
+    "TYPOLoss",
     "losses", "sequence_logprobs", "__version__",
 ]

@@ -6,11 +6,12 @@ minute) and prints the paper's statement next to fastpref's numbers; it writes `
 
 ``fastpref demo`` trains a tiny Llama (built from a config, no download) on the preference dataset shipped in the
 package, whose ground-truth reward is known, with each method in turn (or the ones named with ``--method``), and
-prints a table: final loss, held-out reward accuracy before and after, the change of the held-out chosen
-responses' log-prob, tokens/s and peak memory. It writes ``curves.png`` and ``results.json`` to ``--out``.
+prints a table (final loss, held-out reward accuracy before and after, the change of the held-out chosen and
+rejected responses' log-probs, tokens/s and peak memory) followed by the definition of each column. It writes
+``curves.png`` and ``results.json`` to ``--out``, which is checked (created, written to) before any training.
 
-:func:`main` takes the argument list and returns the exit status (0 ok, 1 a missing dependency, 2 a bad argument:
-one line on stderr, never a traceback); it does not call ``sys.exit``.
+:func:`main` takes the argument list and returns the exit status (0 ok, 1 a missing dependency or a failed write,
+2 a bad argument: one line on stderr, never a traceback); it does not call ``sys.exit``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._hints import install_hint
+
 __all__ = ["main"]
 
-DEMO_EXTRA = "pip install 'fastpref[demo]'"
+DEMO_EXTRA = install_hint("demo")
 
 
 class _UsageError(Exception):
@@ -79,6 +82,7 @@ def _methods(text: str) -> list[str]:
 
 def _parser() -> _Parser:
     from . import __version__
+    from ._method_names import TRAINER_CALLS
     from .demo.methods import DEFAULT_METHODS, LR, METHODS
     from .demo.train import DEFAULT_SFT_STEPS, DEFAULT_STEPS
 
@@ -86,7 +90,8 @@ def _parser() -> _Parser:
                      "and the LM head, without materializing logits.")
     parser.add_argument("--version", action="version", version=f"fastpref {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    method_lines = "; ".join(f"{name}: {spec.title} ({spec.note})" for name, spec in METHODS.items())
+    method_lines = "; ".join(f"{name}: {spec.title} ({spec.note}; in training code: {TRAINER_CALLS[name]})"
+                             for name, spec in METHODS.items())
     demo = sub.add_parser(
         "demo", help="train a tiny model with each method on a toy dataset with a known reward",
         description="Train a tiny Llama (built from a config, no download) with each preference method on the "
@@ -220,14 +225,21 @@ def _demo(args: argparse.Namespace, parser: _Parser) -> int:
         raise _UsageError(prog, "argument --backend: triton needs a CUDA device (use --backend torch on the CPU)")
 
     from .demo.data import load_data
-    from .demo.report import format_table, write_json, write_plot
-    from .demo.train import DemoConfig, run
+    from .demo.report import column_notes, format_table, write_json, write_plot
+    from .demo.train import DemoConfig, check_config, run
 
     started = time.perf_counter()
     data = load_data()
+    if args.batch_pairs > data.train.num_prompts:
+        raise _UsageError(prog, f"argument --batch-pairs: must be at most {data.train.num_prompts} (the training "
+                                f"prompts; a batch draws distinct prompts), got {args.batch_pairs}")
+    out: Path = args.out
+    targets = [out / "results.json"] + ([] if args.no_plot else [out / "curves.png"])
+    _check_writable(prog, out, targets)  # before training, not after it
     cfg = DemoConfig(methods=args.method, steps=args.steps, sft_steps=args.sft_steps, batch_pairs=args.batch_pairs,
                      lr=args.lr, seed=args.seed, device=device, backend=args.backend,
                      progress=not args.no_progress, threads=args.threads)
+    check_config(cfg, data)
     meta = data.meta
     print(f"fastpref demo: {len(cfg.methods)} method(s) x {cfg.steps} steps on {device} "
           f"(backend {_backend(args.backend, device)}); {data.train.num_prompts} training prompts, "
@@ -240,11 +252,7 @@ def _demo(args: argparse.Namespace, parser: _Parser) -> int:
           f"(response NLL/token {info['sft_final_nll']:.3f}; uniform over content tokens {info['uniform_nll']:.3f}) "
           f"= the reference")
     print(format_table(results))
-    memory = results[0].memory_kind if results else ""
-    print(f"acc: held-out pairs ranked by the method's reward (implicit beta*log-ratio; SimPO: mean log-prob; "
-          f"TYPO, DRDO: log-prob), ties count 1/2; before = the SFT model. d logp(chosen): mean change of the "
-          f"held-out chosen responses' log-prob (nats). peak mem: {memory}.")
-    out: Path = args.out
+    print("\n".join(f"  {line}" for line in column_notes()))
     try:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", results, info)
@@ -260,6 +268,21 @@ def _demo(args: argparse.Namespace, parser: _Parser) -> int:
         return 1
     print(f"wrote {', '.join(written)} in {elapsed:.1f} s")
     return 0
+
+
+def _check_writable(prog: str, out: Path, targets: Sequence[Path]) -> None:
+    """``out`` exists (created if needed) and takes new files: a usage error now, not after the training."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".fastpref-write-check-"):
+            pass
+    except OSError as exc:
+        raise _UsageError(prog, f"argument --out: cannot write to {out}: {_one_line(exc)}") from None
+    for target in targets:
+        if target.is_dir():
+            raise _UsageError(prog, f"argument --out: {target} is a directory; cannot write the file there")
 
 
 def _backend(backend: str, device: str) -> str:

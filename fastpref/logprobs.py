@@ -27,10 +27,13 @@ from .distributed import plan as _distributed
 from ._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
+    empty_sequences_check,
     raise_failed_checks,
     require_finite_number,
     require_same_device,
+    require_softcap,
     require_tensor,
+    value_checks,
 )
 
 PROMPT, RESPONSE = 1, 2
@@ -94,7 +97,8 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
     return torch_chunked
 
 
-def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, spread=None) -> _Layout:
+def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, *,
+            logit_scale: float = 1.0, spread=None) -> _Layout:
     require_tensor("hidden", hidden, dims=(2, 3), dtypes=FLOAT_DTYPES)
     require_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
     require_tensor("labels", labels, dtypes=INT_DTYPES)
@@ -121,6 +125,8 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
             raise ValueError(f"`segment_ids` is {tuple(segment_ids.shape)} but `labels` is {tuple(labels.shape)}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"`ignore_index` must be an int, got {type(ignore_index).__name__}")
+    if cu_seqlens is not None:
+        require_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=INT_DTYPES)
     require_same_device("hidden", hidden, weight=weight, bias=bias, labels=labels, segment_ids=segment_ids, cu_seqlens=cu_seqlens)
 
     D = hidden.shape[-1]
@@ -134,7 +140,6 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
     else:
         if cu_seqlens is None:
             raise ValueError("packed `hidden` [N, D] needs `cu_seqlens` [S+1]; pass padded hidden as [B, T, D]")
-        require_tensor("cu_seqlens", cu_seqlens, dims=(1,), dtypes=INT_DTYPES)
         if cu_seqlens.numel() < 2:
             raise ValueError(f"`cu_seqlens` must hold S+1 >= 2 offsets, got {cu_seqlens.numel()}")
         sequence, num_sequences = row_sequences(hidden.shape[0], hidden.device, cu_seqlens=cu_seqlens)
@@ -162,12 +167,8 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
         scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
             0, sequence, (segments > 0).long())
         if spread is None or spread.context_group is None:  # context parallel: checked on the group's counts
-            checks.append(("a sequence has no scored token (every label is ignore_index or its segment id is 0); "
-                           "drop it from the batch", (scored_per_seq == 0).any()))
-        checks.append(("`hidden` holds non-finite values", ~torch.isfinite(hidden).all()))
-        checks.append(("`weight` holds non-finite values", ~torch.isfinite(weight).all()))
-        if bias is not None:
-            checks.append(("`bias` holds non-finite values", ~torch.isfinite(bias).all()))
+            checks.append(empty_sequences_check(scored_per_seq))
+        checks += value_checks(hidden, weight, bias, logit_scale)
     raise_failed_checks(checks)
     hidden2d = hidden.reshape(-1, D)
     if hidden2d.stride(-1) != 1:
@@ -207,15 +208,17 @@ def sequence_logprobs(
             its label is not ``ignore_index``; prompt rows are computed only when some row is marked 1.
         bias: optional head bias ``[V]``.
         reduction: ``"sum"`` or ``"mean"`` (each segment divided by its length; an empty segment gives 0).
-        logit_scale: multiplies the logits (``z = s * (W h + b)``).
-        softcap: ``c`` applies ``c * tanh(z / c)`` to the logits (Gemma 2's final-logit softcapping).
+        logit_scale: multiplies the logits (``z = s * (W h + b)``); any positive real number (``float``, ``int``,
+            numpy scalar) that keeps the float32 logits finite (checked with ``validate``).
+        softcap: ``c`` applies ``c * tanh(z / c)`` to the logits (Gemma 2's final-logit softcapping); at most
+            ``2**126`` (a larger cap changes nothing: pass None).
         cu_seqlens: ``[S+1]`` offsets of the packed sequences (flash-attention varlen convention).
         backend: ``"triton"`` (fused kernels: CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``),
             ``"torch"`` (chunked PyTorch, any device, bounded memory), ``"auto"`` (triton on CUDA, else torch).
         return_token_logps: also return per-token log-probs (differentiable), shaped like ``labels``.
-        validate: run the data-dependent checks (label range, segment ids, finite values, ``cu_seqlens``
-            order, sequences with no scored token), which cost one device synchronization. Shape, dtype
-            and device checks always run.
+        validate: run the data-dependent checks (label range, segment ids, finite values, logits within
+            float32's range, ``cu_seqlens`` order, sequences with no scored token), which cost one device
+            synchronization. Shape, dtype and device checks always run.
         vocab_parallel_group, vocab_range: a head sharded by vocabulary rows across a process group: ``weight``
             (and ``bias``) is this rank's plain shard, rows ``[start, stop)`` of the whole head
             (``vocab_range=(start, stop)``); ``hidden``/``labels``/``segment_ids`` are the same on every rank of
@@ -229,7 +232,9 @@ def sequence_logprobs(
         ``prompt`` and ``token_logps``. Under ``torch.no_grad()`` (a reference model) nothing is saved.
 
     Raises:
-        TypeError / ValueError naming the offending argument, before any kernel runs.
+        TypeError / ValueError naming the offending argument, before any kernel runs; non-finite ``hidden`` /
+        ``weight`` / ``bias`` or logits that could overflow float32 raise :class:`fastpref.NonFiniteError` (a
+        ``ValueError``).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
@@ -242,10 +247,11 @@ def sequence_logprobs(
     # -------------------------------------------------------------------------------------------------------------
     reject_transforms(hidden, weight, bias)
     logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
-    if softcap is not None:
-        softcap = require_finite_number("softcap", softcap, positive=True)
-    layout_args = (hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, spread)
-    layout = _layout(*layout_args) if spread is None else spread.checked_layout(_layout, validate, *layout_args)
+    softcap = require_softcap(softcap)
+    layout_args = (hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate)
+    layout_kw = {"logit_scale": logit_scale, "spread": spread}
+    layout = (_layout(*layout_args, **layout_kw) if spread is None
+              else spread.checked_layout(_layout, validate, *layout_args, **layout_kw))
     impl = _resolve_backend(backend, hidden)
     hidden2d, flat_labels, segments, sequence, S = layout
     if weight.stride(-1) != 1:

@@ -55,6 +55,10 @@ What the base class :class:`FastPrefTrainer` does:
   outside ``max_grad_norm`` clipping, which covers the model), has its gradient averaged over processes before
   the step and zeroed after it, is saved as ``<name>.pt`` next to the model by ``save_model`` and every checkpoint,
   and is restored by ``train(resume_from_checkpoint=...)``.
+* **Overflow** (e.g. pure fp16 training): a training step whose forward meets non-finite values, or whose gradients
+  are not finite, is skipped (no parameter or optimizer state changes), logged as a warning and counted in the
+  metric ``skipped_steps``, as a GradScaler would; parameters that are no longer finite raise a ``RuntimeError``
+  naming one (:mod:`fastpref.integrations._step_guard`).
 
 Not covered: DeepSpeed/FSDP preparation of a separate ``ref_model`` (it is moved to the device, not wrapped),
 precomputed reference log-probs, packed (padding-free) batches.
@@ -70,8 +74,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+try:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    from ._hints import install_hint
 
+    raise ImportError(f"fastpref.trainer needs transformers: {install_hint('hf')}") from exc
+
+from ._method_names import where
 from .collators import (
     BinaryFeedbackCollator,
     PairwiseRewardCollator,
@@ -105,6 +115,7 @@ from .losses.auxdpo import (
 )
 from .losses.drdo import DEFAULT_ALPHA, DEFAULT_GAMMA, DEFAULT_ORACLE_A
 from .losses.dro import DEFAULT_LOG_Z0
+from .integrations._step_guard import NonFiniteError, NonFiniteStepGuard
 from .losses.kto import KTO_LOSS_TYPES
 from .losses.pro import DEFAULT_LAM, DEFAULT_TAU, PRO_HYPER_RESPONSE
 
@@ -127,7 +138,9 @@ _RESPONSE = 2
 
 def _choice(owner: str, name: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"{owner}: `{name}` must be one of {tuple(choices)}, got {value!r}")
+        hint = where(value) if name == "method" else None
+        raise ValueError(f"{owner}: `{name}` must be one of {tuple(choices)}, got {value!r}"
+                         + (f"; {hint}" if hint else ""))
     return value
 
 
@@ -213,6 +226,8 @@ class FastPrefTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is a batch mean: the Trainer scales it for accumulation
+        self._fastpref_guard = NonFiniteStepGuard(self)  # overflowing steps are skipped, as a GradScaler would
+        self.add_callback(self._fastpref_guard)
         self._metrics: dict[str, defaultdict[str, list[float]]] = {"train": defaultdict(list),
                                                                   "eval": defaultdict(list)}
         if self.ref_model is not None:
@@ -295,7 +310,12 @@ class FastPrefTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         self._check_batch(inputs)
-        loss, metrics = self.loss_and_metrics(model, inputs)
+        try:
+            loss, metrics = self.loss_and_metrics(model, inputs)
+        except NonFiniteError as exc:  # an overflowing forward in training: a NaN loss, the step skipped
+            if mode != "train" or return_outputs:
+                raise
+            return self._fastpref_guard.overflow_loss(model, exc)
         self._store_metrics(metrics, mode)
         if return_outputs:
             return loss, metrics

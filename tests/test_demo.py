@@ -192,7 +192,7 @@ def test_missing_transformers_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_has_module", lambda name: name != "transformers")
     assert main(["demo", "--method", "dpo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "pip install 'fastpref[demo]'" in err[0]
+    assert len(err) == 1 and 'pip install -e ".[demo]"' in err[0]
 
 
 def test_missing_matplotlib_skips_the_png(monkeypatch, tmp_path, capsys):
@@ -218,3 +218,128 @@ def test_text_progress_bar_without_tqdm(monkeypatch, capsys):
     bar.close()
     err = capsys.readouterr().err
     assert "dpo [" in err and "4/4" in err and err.endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------------ issue 9: the newcomer
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    import fastpref.demo.train as train
+
+    def boom(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "run", boom)
+
+
+@pytest.mark.parametrize("case", ["file", "file-parent", "json-is-dir", "png-is-dir"])
+def test_unusable_out_fails_before_training(case, tmp_path, capsys, no_training):
+    target = tmp_path / "out"
+    if case == "file":
+        target.write_text("a file, not a folder")
+    elif case == "file-parent":
+        (tmp_path / "f").write_text("x")
+        target = tmp_path / "f" / "out"
+    else:
+        (target / ("results.json" if case == "json-is-dir" else "curves.png")).mkdir(parents=True)
+    assert main(["demo", "--method", "dpo", "--out", str(target), *FAST]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "Traceback" not in captured.err
+    assert "fastpref demo:" not in captured.out  # nothing started
+
+
+def test_out_is_created_and_checked_before_training(tmp_path, capsys, no_training):
+    """A writable folder passes the check (and exists afterwards); the training then starts."""
+    target = tmp_path / "new" / "deeper"
+    with pytest.raises(AssertionError, match="training started"):
+        main(["demo", "--method", "dpo", "--out", str(target), *FAST])
+    assert target.is_dir() and not list(target.iterdir())  # the probe file is gone
+
+
+def test_batch_pairs_larger_than_the_dataset(capsys, no_training):
+    prompts = load_data().train.num_prompts
+    assert main(["demo", "--batch-pairs", str(prompts + 1), *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--batch-pairs" in err[0] and str(prompts) in err[0]
+
+
+def test_run_rejects_batch_pairs_larger_than_the_dataset():
+    from fastpref.demo.train import _run
+
+    data = load_data()
+    with pytest.raises(ValueError, match="batch_pairs"):
+        _run(data, DemoConfig(methods=["dpo"], batch_pairs=data.train.num_prompts + 1), torch_device("cpu"))
+
+
+def torch_device(name):
+    import torch
+
+    return torch.device(name)
+
+
+def _fake_result(name, i):
+    from fastpref.demo.train import MethodResult
+
+    return MethodResult(method=name, title=METHODS[name].title, final_loss=1.0, acc_before=0.5, acc_after=0.9,
+                        chosen_logp_change=-1.0, rejected_logp_change=-3.0, tokens_per_s=1e4, peak_memory_mb=300.0,
+                        memory_kind="process peak RSS", seconds=1.0, losses=[1.0 - 0.01 * k for k in range(20)],
+                        eval_steps=[0, 10, 20], eval_accs=[0.5, 0.7, 0.9])
+
+
+@pytest.mark.parametrize("count", [1, 2, 10])
+def test_plot_text_is_inside_the_figure(count):
+    """Every title, label and legend lies inside the figure (one method used to clip the title on both sides)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from fastpref.demo.report import make_figure
+
+    fig = make_figure([_fake_result(name, i) for i, name in enumerate(list(DEFAULT_METHODS)[:count])])
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        box = fig.bbox
+        texts = []
+        for ax in fig.axes:
+            texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+            legend = ax.get_legend()
+            if legend is not None:
+                texts += list(legend.get_texts())
+        texts = [t for t in texts if t.get_visible() and t.get_text()]
+        assert any("held-out reward accuracy" in t.get_text() for t in texts)
+        for t in texts:
+            extent = t.get_window_extent(renderer)
+            assert (extent.x0 >= box.x0 - 0.5 and extent.x1 <= box.x1 + 0.5 and extent.y0 >= box.y0 - 0.5
+                    and extent.y1 <= box.y1 + 0.5), (t.get_text(), extent, box)
+    finally:
+        plt.close(fig)
+
+
+def test_every_column_is_defined_in_the_output_and_the_readme(tmp_path, capsys):
+    assert main(["demo", "--method", "simpo", "--out", str(tmp_path / "o"), *FAST]) == 0
+    stdout = capsys.readouterr().out
+    for column in COLUMNS[1:]:
+        assert any(line.startswith(f"  {column}: ") for line in stdout.splitlines()), column
+    assert "0.500" in stdout and "Razin" in stdout  # why acc before is 0.500; why d logp(chosen) is negative
+    readme = (REPO / "README.md").read_text()
+    demo = readme[readme.index("## The main command"):readme.index("\n## ", readme.index("## The main command") + 1)]
+    for column in COLUMNS[1:]:
+        assert f"`{column}`" in demo, column
+    for text in ("0.500", "per method", "process"):
+        assert text in demo
+
+
+def test_demo_methods_map_to_trainer_calls():
+    """Every demo method names the trainer call that trains it (the README and `fastpref demo --help` show it)."""
+    from fastpref._method_names import TRAINER_CALLS, where
+
+    assert set(DEFAULT_METHODS) <= set(TRAINER_CALLS)
+    for name in METHODS:
+        assert where(name) and TRAINER_CALLS[name] in where(name)
+    assert "DPOConfig(loss_type='ipo')" in where("ipo") and "DPOConfig(loss_type='hinge')" in where("hinge")
+    assert where("nope") is None
+    readme = (REPO / "README.md").read_text()
+    for name in DEFAULT_METHODS:
+        assert TRAINER_CALLS[name] in readme, name

@@ -434,3 +434,74 @@ def test_reduction_mean():
     ref, _, _ = _reference(model(ids, attention_mask=attention).logits, ids, completion * 2)
     n = (completion[:, 1:] * attention[:, :-1]).sum(-1)
     torch.testing.assert_close(out.logps.response.double(), ref / n, rtol=LOGP_TOL, atol=LOGP_TOL)
+
+
+# --------------------------------------------------------------------------------- pickling, is_patched
+
+
+def _logps(model, batch):
+    ids, attention, completion, _ = batch
+    return model(ids, attention_mask=attention, completion_mask=completion, logps_only=True).logps.response
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy", "copy"])
+def test_the_patch_survives_pickling_and_copies(how):
+    import io
+    import pickle
+
+    model = patch(_model("gemma2"), backend="torch", reduction="mean")  # non-default settings travel too
+    batch = _batch()
+    expected = _logps(model, batch)
+    if how == "pickle":
+        clone = pickle.loads(pickle.dumps(model))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    else:
+        clone = getattr(copy, how)(model)
+    assert is_patched(clone) and clone.forward.__self__ is clone
+    torch.testing.assert_close(_logps(clone, batch), expected, rtol=0, atol=0)
+    assert clone.__dict__["_fastpref_patch"].reduction == "mean"
+    import inspect
+
+    assert "logps_only" in inspect.signature(clone.forward).parameters
+    ids, attention, _, _ = batch
+    torch.testing.assert_close(clone(ids, attention_mask=attention).logits, model(ids, attention_mask=attention).logits)
+    if how != "copy":  # a shallow copy shares the parameters; the others own theirs
+        with torch.no_grad():
+            clone.get_output_embeddings().weight.mul_(2)
+        assert not torch.allclose(_logps(clone, batch), expected)
+        torch.testing.assert_close(_logps(model, batch), expected, rtol=0, atol=0)
+    unpatch(clone)
+    assert not is_patched(clone) and "forward" not in clone.__dict__ and "__reduce_ex__" not in clone.__dict__
+    assert is_patched(model)
+    again = pickle.loads(pickle.dumps(clone))  # unpatched travels unpatched
+    assert not is_patched(again) and "_fastpref_patch" not in again.__dict__
+
+
+def test_is_patched_is_true_to_fact():
+    import functools
+    import pickle
+    import types
+
+    model = patch(_model("llama"), backend="torch")
+    patched_forward = model.forward
+
+    @functools.wraps(patched_forward)  # a wrapper that calls the patched forward (as accelerate's autocast does)
+    def wrapper(*args, **kwargs):
+        return patched_forward(*args, **kwargs)
+
+    model.forward = wrapper
+    assert is_patched(model)
+    _logps(model, _batch())
+    model.forward = types.MethodType(type(model).forward, model)  # replaced: logps_only would be swallowed
+    assert not is_patched(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert not is_patched(clone) and "_fastpref_patch" not in clone.__dict__
+    other = patch(_model("llama"), backend="torch")
+    model.forward = other.forward  # another model's patched forward computes with the other model's weights
+    assert not is_patched(model)
+    patch(model)  # patching again restores it
+    assert is_patched(model) and model.forward.__self__ is model

@@ -30,6 +30,9 @@ from fastpref.losses import functional as FL  # noqa: E402
 from fastpref.losses import param_null_penalty  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(100)]
+# transformers 5.2x renamed `gradient_checkpointing` (deprecated, warns) to `activation_checkpointing`
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in DPOConfig.__dataclass_fields__
+                 else "gradient_checkpointing")
 LOSS_TOL = 2e-5  # relative, fp32 rounding (chunked log-softmax sums in another order)
 GRAD_TOL = 1e-4  # ||g - g_ref|| / ||g_ref|| per parameter tensor
 PARAM_TOL = 1e-6  # absolute, updated parameters after two SGD steps
@@ -92,8 +95,9 @@ def _model(seed=0):
 def _config(tmp_path, **kwargs):
     base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2,
                 max_steps=2, report_to=[], save_strategy="no", logging_steps=1, learning_rate=0.1, optim="sgd",
-                lr_scheduler_type="constant", use_cpu=True, seed=0, gradient_checkpointing=False,
-                disable_tqdm=True, dataloader_num_workers=0, bf16=False)
+                lr_scheduler_type="constant", use_cpu=True, seed=0, disable_tqdm=True,
+                dataloader_num_workers=0, bf16=False)
+    base[CHECKPOINTING] = False
     base.update(kwargs)
     return DPOConfig(**base)
 
@@ -193,7 +197,7 @@ def test_loss_type_matches_stock(loss_type, tokenizer, tmp_path):
     {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.5},
     {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
     {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-    {"loss_type": ["sigmoid"], "gradient_checkpointing": True},
+    {"loss_type": ["sigmoid"], CHECKPOINTING: True},
     {"loss_type": ["ipo"], "ld_alpha": 0.3, "precompute_ref_log_probs": True, "ref": False},
 ], ids=["multi-loss", "ld_alpha", "js_divergence", "alpha_divergence", "gradient_checkpointing",
         "ld_alpha-precompute"])
@@ -584,3 +588,175 @@ def test_lora_on_the_head_is_refused(tokenizer, tmp_path):
     with pytest.raises((ValueError, TypeError), match="lm_head|head"):
         FastPrefDPOTrainer(model=_model(), args=_config(tmp_path), train_dataset=_dataset(), processing_class=tokenizer,
                            peft_config=LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0))
+
+
+# --------------------------------------------------------------------------------------------- ref_model=None
+
+
+@pytest.mark.parametrize("method", ["simpo", "typo", "drdo"])
+def test_reference_free_methods_build_no_reference(method, tokenizer, tmp_path, monkeypatch):
+    """A model built from a config has no name to reload: reference-free methods need none and load none."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    if method == "typo" and not _typo_supported():
+        pytest.skip("typo_loss does not accept unsup_logps=None")
+    loads = []
+    original = dpo_module.create_model_from_path
+    monkeypatch.setattr(dpo_module, "create_model_from_path", lambda *a, **k: loads.append(a) or original(*a, **k))
+    copies = []
+    original_deepcopy = copy.deepcopy
+    monkeypatch.setattr(copy, "deepcopy", lambda x, *a: copies.append(type(x)) or original_deepcopy(x, *a))
+    columns = {"oracle_chosen": [1.0] * 8, "oracle_rejected": [0.0] * 8} if method == "drdo" else {}
+    model = _model()
+    trainer = FastPrefDPOTrainer(model=model, ref_model=None, args=_config(tmp_path), train_dataset=_dataset(**columns),
+                                 processing_class=tokenizer, method=method)
+    assert trainer.ref_model is None and not loads and LlamaForCausalLM not in copies
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and all(math.isfinite(e["loss"]) for e in logs)
+
+
+def test_reference_free_method_refuses_precompute(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="reference-free.*precompute_ref_log_probs"):
+        FastPrefDPOTrainer(model=_model(), args=_config(tmp_path, precompute_ref_log_probs=True),
+                           train_dataset=_dataset(), processing_class=tokenizer, method="simpo")
+
+
+@pytest.mark.parametrize("method", ["dpo", "pro"])
+def test_ref_model_none_is_a_frozen_copy_of_the_policy(method, tokenizer, tmp_path):
+    """Same training as an explicit `ref_model=copy.deepcopy(model)`; the copy is frozen and separate."""
+    implicit = _train(FastPrefDPOTrainer, tokenizer, tmp_path / "implicit", ref=False, beta=0.5,
+                      trainer_kwargs={"method": method})
+    explicit = _train(FastPrefDPOTrainer, tokenizer, tmp_path / "explicit", ref=True, beta=0.5,
+                      trainer_kwargs={"method": method})
+    _assert_same_training(implicit, explicit)
+    trainer = implicit[0]
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model)
+    assert reference is not trainer.model and not reference.training
+    assert all(not p.requires_grad for p in reference.parameters())
+    initial = _model()  # the policy's initial weights (same seed)
+    for (name, p), q in zip(reference.named_parameters(), initial.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+# --------------------------------------------------------------------------------------------- overflow (pure fp16)
+
+
+class _Snapshots(TrainerCallback):
+    """The model's parameters after every optimizer step."""
+
+    def __init__(self):
+        self.params = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def _overflow_hidden_at(backbone, calls):
+    """The backbone's last hidden state gets an inf in the policy forwards (grad enabled) numbered ``calls``."""
+    count = [0]
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        count[0] += 1
+        if count[0] in calls:
+            hidden = output.last_hidden_state.clone()
+            hidden[0, -1, 0] = float("inf")
+            output.last_hidden_state = hidden
+            return output
+        return None
+
+    return backbone.register_forward_hook(hook)
+
+
+def _fp16_trainer(tokenizer, tmp_path, *, callbacks=(), **config):
+    model = _model().half()  # pure fp16: half weights, no autocast, no GradScaler
+    return FastPrefDPOTrainer(model=model, args=_config(tmp_path, max_steps=3, **config), train_dataset=_dataset(),
+                              processing_class=tokenizer, callbacks=list(callbacks))
+
+
+def test_pure_fp16_overflowing_forward_skips_the_step(tokenizer, tmp_path, caplog):
+    """Where stock DPOTrainer applies the NaN update, the step is skipped and logged, and training goes on."""
+    snapshots = _Snapshots()
+    trainer = _fp16_trainer(tokenizer, tmp_path, callbacks=[snapshots])
+    assert trainer.model.dtype == torch.float16 and trainer.accelerator.scaler is None
+    handle = _overflow_hidden_at(trainer.model.model, calls={2})
+    try:
+        with caplog.at_level("WARNING", logger="fastpref"):
+            trainer.train()
+    finally:
+        handle.remove()
+    first, second, third = snapshots.params
+    for name in first:
+        assert torch.equal(first[name], second[name]), name  # step 2 skipped: nothing moved
+        assert torch.isfinite(third[name]).all(), name
+    assert any(not torch.equal(second[n], third[n]) for n in first)  # step 3 trained
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e.get("skipped_steps", 0) for e in logs] == [0, 1, 1]
+    assert "skipped" in caplog.text and "non-finite" in caplog.text
+
+
+def test_nonfinite_gradients_skip_the_step_and_keep_the_optimizer_state(tokenizer, tmp_path):
+    snapshots = _Snapshots()
+    model = _model()
+    trainer = FastPrefDPOTrainer(model=model, args=_config(tmp_path, max_steps=3, optim="adamw_torch"),
+                                 train_dataset=_dataset(), processing_class=tokenizer, callbacks=[snapshots])
+    backwards = [0]
+
+    def poison(grad):
+        backwards[0] += 1
+        return grad * float("inf") if backwards[0] == 2 else grad
+
+    weight = trainer.model.model.layers[0].mlp.up_proj.weight
+    handle = weight.register_hook(poison)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    first, second, _ = snapshots.params
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert trainer.optimizer.state[weight]["step"] == 2  # AdamW stepped twice in three steps: its state is untouched
+    assert trainer.state.log_history[-2]["skipped_steps"] == 1
+
+
+def test_diverged_parameters_raise_naming_one(tokenizer, tmp_path):
+    class Diverge(TrainerCallback):  # what an overflowing fp16 update does to a weight
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            with torch.no_grad():
+                model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("inf")
+
+    trainer = _fp16_trainer(tokenizer, tmp_path, callbacks=[Diverge()])
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight.*diverged"):
+        trainer.train()
+
+
+# --------------------------------------------------------------------------------------------- method names
+
+
+@pytest.mark.parametrize("name,where", [
+    ("ipo", "DPOConfig(loss_type='ipo')"), ("hinge", "DPOConfig(loss_type='hinge')"),
+    ("pro-binary", "BinaryFeedbackTrainer(method='pro')"), ("pro-scalar", "ScalarFeedbackTrainer(method='pro')"),
+    ("dro", "ScalarFeedbackTrainer(method='dro')"), ("kto", "BinaryFeedbackTrainer(method='kto')"),
+    ("edpo", "OracleRewardTrainer(method='edpo')"),
+])
+def test_method_names_of_other_trainers_point_there(name, where, tokenizer, tmp_path):
+    import re
+
+    with pytest.raises(ValueError, match=r"`method` must be one of .*" + re.escape(where)):
+        FastPrefDPOTrainer(model=_model(), args=_config(tmp_path), train_dataset=_dataset(),
+                           processing_class=tokenizer, method=name)
+
+
+def test_every_named_trainer_call_is_valid():
+    """Each `FastPrefDPOTrainer(method=...)` / `DPOConfig(loss_type=...)` the name table gives is accepted."""
+    import re
+
+    from fastpref._method_names import TRAINER_CALLS
+    from fastpref.integrations.trl import METHODS
+
+    for name, call in TRAINER_CALLS.items():
+        for method in re.findall(r"FastPrefDPOTrainer\(method='([\w-]+)'\)", call):
+            assert method in METHODS, (name, call)
+        for loss_type in re.findall(r"DPOConfig\(loss_type='([\w-]+)'\)", call):
+            assert loss_type in FL.DPO_LOSS_TYPES, (name, call)

@@ -8,7 +8,10 @@ from helpers import make_batch
 
 
 @pytest.fixture(autouse=True)
-def no_kernel(monkeypatch):
+def no_kernel(monkeypatch, request):
+    if request.node.get_closest_marker("kernel_runs"):  # valid input: the kernels must run
+        return
+
     def boom(*a, **k):
         raise AssertionError("a kernel ran on bad input")
 
@@ -94,6 +97,15 @@ def test_all_masked_sequence():
     _raises(ValueError, "no scored token", labels=y)
 
 
+def test_all_masked_sequences_are_named():
+    h, w, y, seg, _ = make_batch(B=5, T=9, D=16, V=41, seed=1)
+    y[1] = -100
+    _raises(ValueError, r"^sequence 1 of 5 \(0-based\) has no scored token", hidden=h, labels=y, segment_ids=seg,
+            weight=w, bias=None)
+    seg[3] = 0
+    _raises(ValueError, r"^2 sequences \(1, 3\) of 5", hidden=h, labels=y, segment_ids=seg, weight=w, bias=None)
+
+
 def test_non_finite_hidden():
     h = make_batch(B=2, T=9, D=16, V=41, seed=1)[0]
     h[0, 3, 2] = float("nan")
@@ -121,6 +133,70 @@ def test_logit_scale(value):
 
 def test_softcap():
     _raises(ValueError, "`softcap`", softcap=-3.0)
+
+
+@pytest.mark.parametrize("scale", [1e38, 3e37])
+def test_absurd_logit_scale(scale):
+    """Finite in float32, but the logits overflow (1e38 used to return [nan, -inf])."""
+    with pytest.raises(fastpref.NonFiniteError, match="`logit_scale`.*overflow|overflow.*`logit_scale`"):
+        fastpref.sequence_logprobs(**_args(logit_scale=scale))
+    with pytest.raises(ValueError, match="overflow"):  # with a softcap too: the logits are formed before the cap
+        fastpref.sequence_logprobs(**_args(logit_scale=scale, softcap=30.0))
+
+
+def test_overflowing_hidden_magnitude():
+    h = make_batch(B=2, T=9, D=16, V=41, seed=1)[0] * 1e36
+    _raises(fastpref.NonFiniteError, "overflow", hidden=h)
+
+
+@pytest.mark.parametrize("value", [1e38, 2.0**127, float(torch.finfo(torch.float32).max)])
+def test_absurd_softcap(value):
+    _raises(ValueError, "`softcap`", softcap=value)
+
+
+@pytest.mark.parametrize("value", [1e39, float("nan"), True, "2.0", torch.tensor(2.0)])
+def test_logit_scale_not_a_float32_number(value):
+    _raises((TypeError, ValueError), "`logit_scale`", logit_scale=value)
+
+
+def test_cu_seqlens_as_python_list():
+    kw = _packed([0, 5, 12])
+    kw["cu_seqlens"] = [0, 5, 12]
+    with pytest.raises(TypeError, match="`cu_seqlens` must be a torch.Tensor"):
+        fastpref.sequence_logprobs(**kw)
+
+
+@pytest.mark.parametrize("which", ["hidden", "all", "labels"])
+def test_meta_device(which):
+    kw = _args()
+    names = ["hidden", "weight", "labels", "segment_ids", "bias"] if which == "all" else [which]
+    for name in names:
+        kw[name] = kw[name].to("meta")
+    with pytest.raises(ValueError, match=f"`{names[0]}` is on the meta device"):
+        fastpref.sequence_logprobs(**kw)
+
+
+@pytest.mark.kernel_runs
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_numpy_and_int_scales_accepted(backend):
+    np = pytest.importorskip("numpy")
+    kw = _args(backend=backend)
+    expected = fastpref.sequence_logprobs(**kw, logit_scale=2.0, softcap=30.0).response
+    for scale, cap in [(np.float32(2.0), np.float32(30.0)), (np.float64(2.0), np.float64(30.0)), (2, 30),
+                       (np.int64(2), np.int32(30))]:
+        got = fastpref.sequence_logprobs(**kw, logit_scale=scale, softcap=cap).response
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.kernel_runs
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_large_valid_logit_scale_is_accepted(backend):
+    """The overflow check is a bound, not a guess: a large scale whose logits fit float32 runs and is exact."""
+    h, w, y, seg, b = make_batch(B=2, T=9, D=16, V=41, seed=1, bias=True)
+    h = h * 1e-30  # logits ~1e-30, scaled by 1e30 back to ~1
+    out = fastpref.sequence_logprobs(h, w, y, seg, bias=b * 1e-30, logit_scale=1e30, backend=backend)
+    ref = fastpref.sequence_logprobs(h.double() * 1e30, w.double(), y, seg, bias=b.double(), backend="torch")
+    torch.testing.assert_close(out.response.double(), ref.response, rtol=1e-5, atol=1e-4)
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):

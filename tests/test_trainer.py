@@ -383,6 +383,66 @@ def test_default_reference_is_a_frozen_copy(tmp_path):
     assert float(records[0][1]) == pytest.approx(2.0 * 0.6931471805599453, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["pro-s", "typo"])
+def test_pure_fp16_overflowing_step_is_skipped(name, tmp_path, caplog):
+    """Pure fp16 (half weights, no scaler): an overflowing forward skips its step, as a GradScaler would; training
+    goes on, the skip is logged and counted. (It used to raise `hidden` holds non-finite values.)"""
+    cls, kwargs, data, _ = CASES[name]
+    model = _model(0).half()
+    # SGD: pure-fp16 AdamW itself turns weights to NaN at the first step (eps = 1e-8 underflows in float16)
+    trainer = cls(model, _args(tmp_path, max_steps=3, optim="sgd"), train_dataset=data(), **kwargs)
+    snapshots = []
+    trainer.add_callback(type("Snap", (transformers.TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, model=None, **kw: snapshots.append(_params(model))}))
+    calls = [0]
+
+    def overflow(module, args, output):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2:
+                output.last_hidden_state = output.last_hidden_state.masked_fill(
+                    torch.zeros_like(output.last_hidden_state, dtype=torch.bool).index_fill_(0, torch.tensor([0]), True),
+                    float("inf"))
+                return output
+        return None
+
+    handle = model.model.register_forward_hook(overflow)
+    try:
+        with caplog.at_level("WARNING", logger="fastpref"):
+            trainer.train()
+    finally:
+        handle.remove()
+    assert trainer.state.global_step == 3 and len(snapshots) == 3
+    assert all(torch.equal(snapshots[0][n], snapshots[1][n]) for n in snapshots[0])
+    assert any(not torch.equal(snapshots[1][n], snapshots[2][n]) for n in snapshots[0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [e.get("skipped_steps", 0) for e in trainer.state.log_history if "loss" in e] == [0, 1, 1]
+    assert "skipped" in caplog.text
+
+
+def test_method_names_map_to_these_trainers():
+    """Every `SomeTrainer(method='x')` of the name table is accepted by that trainer (it gets as far as the model
+    check), and a method of another trainer is refused with a pointer to it."""
+    import re
+
+    import fastpref.trainer as trainers
+    from fastpref._method_names import TRAINER_CALLS
+
+    checked = 0
+    for name, call in TRAINER_CALLS.items():
+        for cls_name, method in re.findall(r"(\w+Trainer)\(method='([\w-]+)'\)", call):
+            if cls_name == "FastPrefDPOTrainer":
+                continue
+            with pytest.raises(TypeError, match="model"):  # the method passed; the missing model did not
+                getattr(trainers, cls_name)(None, method=method)
+            checked += 1
+    assert checked >= 5
+    with pytest.raises(ValueError, match=re.escape("ScalarFeedbackTrainer(method='dro')")):
+        BinaryFeedbackTrainer(_model(), method="dro")
+    with pytest.raises(ValueError, match=re.escape("BinaryFeedbackTrainer(method='pro')")):
+        ScalarFeedbackTrainer(_model(), method="pro-binary")
+
+
 def test_peft_reference_is_the_adapter_disabled_base(tmp_path):
     peft = pytest.importorskip("peft")
     base = _model(0)

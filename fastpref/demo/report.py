@@ -10,15 +10,44 @@ from typing import Optional, Sequence
 
 from .train import MethodResult
 
-__all__ = ["COLUMNS", "format_table", "write_json", "write_plot"]
+__all__ = ["COLUMNS", "column_notes", "format_table", "write_json", "write_plot"]
 
 #: The table's columns, in order (``format_table``'s header).
-COLUMNS = ("method", "final loss", "acc before", "acc after", "d logp(chosen)", "tokens/s", "peak mem MB")
+COLUMNS = ("method", "final loss", "acc before", "acc after", "d logp(chosen)", "d logp(rejected)", "tokens/s",
+           "peak mem MB")
+
+#: What each column means (printed under the table, and in the README).
+COLUMN_NOTES = {
+    "final loss": "the method's training loss averaged over its last 5 steps (all, when fewer; each step "
+                  "one batch of --batch-pairs pairs); each method has its own loss, so compare it along training, not across methods",
+    "acc before": "held-out pairs whose chosen response the method's own reward ranks first (ties count 1/2), "
+                  "with the SFT model = the reference. The reward is the implicit beta * log(pi / pi_ref) for "
+                  "the methods with a reference: there every reward is 0 before training, every pair a tie, "
+                  "hence exactly 0.500. SimPO ranks by the mean log-prob, TYPO and DRDO by the log-prob, which "
+                  "already rank some pairs",
+    "acc after": "the same accuracy after training",
+    "d logp(chosen)": "mean change of the held-out chosen responses' log-prob, after minus before (nats). A "
+                      "preference loss raises the margin over the rejected response, not the chosen log-prob "
+                      "itself: both usually fall, the rejected faster (likelihood displacement: Razin et al. "
+                      "2024, Pal et al. 2024)",
+    "d logp(rejected)": "the same for the held-out rejected responses",
+    "tokens/s": "non-padding tokens through the policy per second of training steps (forward, backward, "
+                "optimizer; evaluation excluded)",
+    "peak mem MB": "on CUDA, per method: the method's own peak of allocated tensor memory (reset before each "
+                   "method). On the CPU, for the whole process: its peak resident memory so far (Python, torch, the "
+                   "data and every method run before), which never decreases, so it does not compare methods",
+}
+
+
+def column_notes() -> list[str]:
+    """One line per column (after the method name): ``name: meaning``."""
+    return [f"{name}: {COLUMN_NOTES[name]}" for name in COLUMNS[1:]]
 
 
 def _row(r: MethodResult) -> list[str]:
     return [r.method, f"{r.final_loss:.4f}", f"{r.acc_before:.3f}", f"{r.acc_after:.3f}",
-            f"{r.chosen_logp_change:+.2f}", f"{r.tokens_per_s:,.0f}", f"{r.peak_memory_mb:,.0f}"]
+            f"{r.chosen_logp_change:+.2f}", f"{r.rejected_logp_change:+.2f}", f"{r.tokens_per_s:,.0f}",
+            f"{r.peak_memory_mb:,.0f}"]
 
 
 def format_table(results: Sequence[MethodResult]) -> str:
@@ -57,7 +86,19 @@ def write_plot(path: Path, results: Sequence[MethodResult], title: str = "") -> 
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: skipping the PNG (pip install 'fastpref[demo]')"
+        from .._hints import install_hint
+
+        return f"matplotlib is not installed: skipping the PNG ({install_hint('demo')})"
+    fig = make_figure(results, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def make_figure(results: Sequence[MethodResult], title: str = ""):
+    """The curves figure (matplotlib, Agg): held-out accuracy of every method on top, one loss panel each below."""
+    import matplotlib.pyplot as plt
+
     n = len(results)
     cols = min(5, max(1, n))
     loss_rows = math.ceil(n / cols)
@@ -74,7 +115,8 @@ def write_plot(path: Path, results: Sequence[MethodResult], title: str = "") -> 
     ax.set_ylim(0.0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(ncol=min(5, n), fontsize=8, loc="lower right")
-    ax.set_title(title or "fastpref demo: held-out reward accuracy (ranking by each method's own reward)",
+    # Two short lines: a single-method figure is 4 inches wide and clipped a one-line title on both sides.
+    ax.set_title(title or "fastpref demo: held-out reward accuracy\n(ranking by each method's own reward)",
                  fontsize=10)
 
     window = max(1, max((len(r.losses) for r in results), default=1) // 30)
@@ -90,6 +132,4 @@ def write_plot(path: Path, results: Sequence[MethodResult], title: str = "") -> 
             a.set_ylabel("loss", fontsize=8)
         if i // cols == loss_rows - 1:
             a.set_xlabel("step", fontsize=8)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return None
+    return fig

@@ -23,7 +23,8 @@ from .data import REF_SAMPLE, DemoData, Split
 from ._layout import K
 from .methods import METHODS, Batch, Context, MethodSpec
 
-__all__ = ["DEFAULT_SFT_STEPS", "DEFAULT_STEPS", "DemoConfig", "MethodResult", "build_model", "run", "TIE_TOLERANCE"]
+__all__ = ["DEFAULT_SFT_STEPS", "DEFAULT_STEPS", "DemoConfig", "MethodResult", "build_model", "check_config", "run",
+           "TIE_TOLERANCE"]
 
 DEFAULT_STEPS = 120  # per method: the default run (10 methods) takes ~30-60 s on 2 shared CPU cores
 DEFAULT_SFT_STEPS = 100
@@ -55,6 +56,7 @@ class MethodResult:
     acc_before: float  # held-out reward accuracy of the initial (SFT) model under this method's score
     acc_after: float
     chosen_logp_change: float  # mean over held-out chosen responses of logp_after - logp_before (nats)
+    rejected_logp_change: float  # the same for the held-out rejected responses
     tokens_per_s: float  # non-padding tokens through the policy per second of training
     peak_memory_mb: float
     memory_kind: str  # "cuda max allocated" | "process peak RSS"
@@ -111,7 +113,7 @@ def _eval_rows(split: Split):
 
 @torch.no_grad()
 def _evaluate(model, spec: MethodSpec, split: Split, ref_test: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(held-out accuracy under the method's score, chosen-response log-probs [P])."""
+    """(held-out accuracy under the method's score, log-probs [2P]: the chosen responses, then the rejected)."""
     model.eval()
     prompts, columns = _eval_rows(split)
     lp = _logps(model, split, prompts, columns).logps
@@ -126,7 +128,7 @@ def _evaluate(model, spec: MethodSpec, split: Split, ref_test: torch.Tensor) -> 
         score = resp
     margin = score[:P] - score[P:]
     right = (margin > TIE_TOLERANCE).float() + 0.5 * (margin.abs() <= TIE_TOLERANCE).float()
-    return float(right.mean()), resp[:P]
+    return float(right.mean()), resp
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -266,8 +268,20 @@ def run(data: DemoData, cfg: DemoConfig) -> tuple[list[MethodResult], dict]:
         torch.set_num_threads(threads)
 
 
+def check_config(cfg: DemoConfig, data: DemoData) -> None:
+    """Raise ValueError for settings the data cannot serve (before anything is trained)."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(METHODS)}")
+    if cfg.batch_pairs > data.train.num_prompts:
+        raise ValueError(f"batch_pairs={cfg.batch_pairs} exceeds the {data.train.num_prompts} training prompts: a "
+                         "batch draws distinct prompts (one pair per prompt)")
+
+
 def _run(data: DemoData, cfg: DemoConfig, device: torch.device) -> tuple[list[MethodResult], dict]:
     from fastpref.integrations.transformers import patch
+
+    check_config(cfg, data)
 
     data = data.to(device)
     torch.manual_seed(cfg.seed)
@@ -285,7 +299,7 @@ def _run(data: DemoData, cfg: DemoConfig, device: torch.device) -> tuple[list[Me
     ref_test, _ = _all_logps(reference, data.test)
     init_state = copy.deepcopy(base.state_dict())
     test_prompts, test_columns = _eval_rows(data.test)
-    ref_test_chosen = ref_test[test_prompts, test_columns][: data.test.num_prompts]
+    ref_test_pairs = ref_test[test_prompts, test_columns]  # chosen then rejected
     info = {"sft_steps": cfg.sft_steps, "sft_seconds": sft_seconds,
             "sft_final_nll": sft_losses[-1] if sft_losses else float("nan"),
             "uniform_nll": math.log(data.vocab_size - 4) if data.vocab_size > 4 else float("nan"),
@@ -340,13 +354,14 @@ def _run(data: DemoData, cfg: DemoConfig, device: torch.device) -> tuple[list[Me
                 bar.set_postfix_str(f"loss {float(loss.detach()):.3f} acc {acc:.3f}")
             bar.update()
         bar.close()
-        acc1, chosen_after = _evaluate(policy, spec, data.test, ref_test)
+        acc1, pairs_after = _evaluate(policy, spec, data.test, ref_test)
+        change = (pairs_after - ref_test_pairs).reshape(2, -1).mean(dim=1)  # chosen, rejected
         peak, kind = _peak_memory(device)
         loss_values = [float(x) for x in torch.stack(losses).float().cpu()] if losses else []
         tail = loss_values[-min(5, len(loss_values)):]
         results.append(MethodResult(
             method=name, title=spec.title, final_loss=sum(tail) / max(1, len(tail)), acc_before=acc0,
-            acc_after=acc1, chosen_logp_change=float((chosen_after - ref_test_chosen).mean()),
+            acc_after=acc1, chosen_logp_change=float(change[0]), rejected_logp_change=float(change[1]),
             tokens_per_s=tokens / max(train_time, 1e-9), peak_memory_mb=peak, memory_kind=kind,
             seconds=train_time, losses=loss_values, eval_steps=eval_steps, eval_accs=eval_accs))
         del policy, opt, ctx

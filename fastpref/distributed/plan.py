@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .._validation import empty_sequences_check
 from ._collectives import ProcessGroup, all_gather_rows, require_group, sum_across_group
 from .sharded_head import ShardedHead
 
@@ -70,13 +71,13 @@ class DistributedHead:
 
     # ------------------------------------------------------------------------------------------ checks
 
-    def checked_layout(self, layout_fn: Callable, validate: bool, *args):
-        """``layout_fn(*args)`` (fastpref.logprobs._layout), with the verdict shared by every rank (module
+    def checked_layout(self, layout_fn: Callable, validate: bool, *args, **kwargs):
+        """``layout_fn(*args, **kwargs)`` (fastpref.logprobs._layout), with the verdict shared by every rank (module
         docstring). Returns the layout."""
         if not validate:
-            return layout_fn(*args)
+            return layout_fn(*args, **kwargs)
         try:
-            layout = layout_fn(*args)
+            layout = layout_fn(*args, **kwargs)
         except (TypeError, ValueError):
             self._exchange(None)
             raise
@@ -161,9 +162,10 @@ class DistributedHead:
         totals = sum_across_group(totals, self.context_group)
         counts = counts.clone()
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.context_group)
-        if validate and bool((counts.sum(dim=1) == 0).any()):
-            raise ValueError("a sequence has no scored token on any rank of `context_parallel_group` (every label "
-                             "is ignore_index or its segment id is 0); drop it from the batch")
+        if validate:
+            message, empty = empty_sequences_check(counts.sum(dim=1))
+            if bool(empty):
+                raise ValueError(f"{message()} (counted over every rank of `context_parallel_group`)")
         return totals, counts
 
 

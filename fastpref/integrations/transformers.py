@@ -27,6 +27,10 @@ Logit transforms read from the config: see :func:`fastpref.integrations._hf_util
 ``unpadded_vocab_size``, HyperCLOVA X's multiplying ``logits_scaling``, MuseSpark's ``output_multiplier``).
 At patch time the transform is checked against the model's own forward on three synthetic hidden states
 (``verify=True``), so an architecture whose head does something else fails loudly instead of silently.
+
+The patch lives on the instance (its ``forward`` and settings): ``copy.deepcopy``, ``copy.copy``, ``pickle`` and
+``torch.save(model)`` give patched models; :func:`unpatch` removes it; :func:`is_patched` says whether the model
+answers ``logps_only=True`` right now.
 """
 
 from __future__ import annotations
@@ -39,7 +43,12 @@ from typing import Any, Optional, TypeVar
 
 import torch
 from torch import nn
-from transformers.utils import ModelOutput
+try:
+    from transformers.utils import ModelOutput
+except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
+    from .._hints import install_hint
+
+    raise ImportError(f"fastpref.integrations.transformers needs transformers: {install_hint('hf')}") from exc
 
 from .._rows import last_row_where, row_sequences
 from .._validation import raise_failed_checks
@@ -162,7 +171,43 @@ def patch(model: M, *, backend: str = "auto", reduction: str = "sum", validate: 
             with torch.autocast(plain.weight.device.type, enabled=False):
                 verify_head(lm, backbone, type(lm).forward.__get__(lm, type(lm)), transform)
 
-    original = inspect.signature(lm.forward)  # bound: no `self`
+    setattr(lm, _STATE, _PatchState(backend, reduction, validate, transform, previous))
+    _install_forward(lm, inspect.signature(lm.forward))  # bound: no `self`
+    return model
+
+
+def unpatch(model: M) -> M:
+    """Undo :func:`patch`: restore the model's previous ``forward`` (no-op when not patched). Returns ``model``."""
+    lm = find_causal_lm(model)
+    state = lm.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    lm.__dict__.pop("__reduce_ex__", None)
+    if state.previous_forward is None:
+        lm.__dict__.pop("forward", None)
+    else:
+        lm.forward = state.previous_forward
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` (or the causal LM inside a PEFT model) answers ``logps_only=True`` now: :func:`patch`'s
+    settings are there and its ``forward`` is the patched one, possibly inside wrappers that call it (accelerate's
+    mixed-precision wrapper). False after :func:`unpatch`, or when something replaced ``forward`` since."""
+    lm = find_causal_lm(model)
+    return _STATE in lm.__dict__ and _calls_patched_forward(lm.__dict__.get("forward"), lm)
+
+
+# --------------------------------------------------------------------------------------------- installing
+
+
+_MARK = "__fastpref_patched_forward__"
+
+
+def _install_forward(lm: nn.Module, original: inspect.Signature) -> None:
+    """Put the patched ``forward`` (a method of a function made for ``lm``, with ``original``'s parameters plus
+    ours as its signature, which ``transformers.Trainer`` reads to keep dataset columns) and the pickling hook
+    (:func:`_reduce_patched`) on the instance."""
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     params += [p for p in original.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     names = {p.name for p in params}
@@ -178,27 +223,54 @@ def patch(model: M, *, backend: str = "auto", reduction: str = "sum", validate: 
     function.__doc__ = _patched_forward.__doc__
     function.__signature__ = inspect.Signature(params)
     function.__qualname__ = f"{type(lm).__name__}.forward"
-    setattr(lm, _STATE, _PatchState(backend, reduction, validate, transform, previous))
-    lm.forward = types.MethodType(function, lm)
-    return model
+    setattr(function, _MARK, True)  # functools.wraps copies it to wrappers, which call the function
+    lm.__dict__["forward"] = types.MethodType(function, lm)
+    lm.__dict__["__reduce_ex__"] = functools.partial(_reduce_patched, lm)
 
 
-def unpatch(model: M) -> M:
-    """Undo :func:`patch`: restore the model's previous ``forward`` (no-op when not patched). Returns ``model``."""
-    lm = find_causal_lm(model)
-    state = lm.__dict__.pop(_STATE, None)
-    if state is None:
-        return model
-    if state.previous_forward is None:
-        lm.__dict__.pop("forward", None)
-    else:
-        lm.forward = state.previous_forward
-    return model
+def _calls_patched_forward(forward, lm: nn.Module) -> bool:
+    """``forward`` is the patched forward of ``lm``, or a wrapper around it (``__wrapped__`` / ``__func__``)."""
+    seen = set()
+    while forward is not None and id(forward) not in seen:
+        seen.add(id(forward))
+        if getattr(forward, "__self__", lm) is not lm:  # a method of another module
+            return False
+        if getattr(forward, _MARK, False):
+            return True
+        forward = getattr(forward, "__wrapped__", None) or getattr(forward, "__func__", None)
+    return False
 
 
-def is_patched(model: nn.Module) -> bool:
-    """Whether :func:`patch` was applied to ``model`` (or to the causal LM inside a PEFT model)."""
-    return _STATE in find_causal_lm(model).__dict__
+def _reduce_patched(lm: nn.Module, protocol: int):
+    """``lm.__reduce_ex__`` while patched: ``pickle``, ``torch.save(model)``, ``copy.copy`` and ``copy.deepcopy``
+    rebuild a patched model (:func:`_new_patched`), since the patched forward, a method, would pickle by name and
+    come back as the class's own ``forward``. The patch's settings travel in the state; the forward that was there
+    before patching does not (a bound method cannot travel either: :func:`unpatch` of the copy restores the class's
+    forward). A model whose ``forward`` was replaced since patching is no longer patched and travels without the
+    settings (its ``forward`` as pickle handles it)."""
+    state = type(lm).__getstate__(lm) if hasattr(type(lm), "__getstate__") else dict(lm.__dict__)
+    state = dict(state)
+    state.pop("__reduce_ex__", None)
+    if is_patched(lm):
+        state.pop("forward", None)
+        state[_STATE] = dataclasses.replace(state[_STATE], previous_forward=None)
+        return _new_patched, (type(lm),), state
+    state.pop(_STATE, None)
+    return _new_module, (type(lm),), state
+
+
+def _new_module(cls):
+    """An empty instance of ``cls``; the unpickler then sets its state (``nn.Module.__setstate__``)."""
+    return cls.__new__(cls)
+
+
+def _new_patched(cls):
+    """An empty instance of ``cls`` with the patched forward and the pickling hook (the state, set next, holds the
+    patch's settings and no ``forward``)."""
+    lm = cls.__new__(cls)
+    signature = inspect.signature(cls.forward)
+    _install_forward(lm, signature.replace(parameters=list(signature.parameters.values())[1:]))
+    return lm
 
 
 # --------------------------------------------------------------------------------------------- the forward

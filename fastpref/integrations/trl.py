@@ -5,7 +5,7 @@
     from trl import DPOConfig
     from fastpref.integrations.trl import FastPrefDPOTrainer
 
-    trainer = FastPrefDPOTrainer(model, ref_model=None, args=DPOConfig(...), train_dataset=dataset,
+    trainer = FastPrefDPOTrainer(model, args=DPOConfig(...), train_dataset=dataset,
                                  processing_class=tokenizer)                       # every TRL loss_type
     trainer = FastPrefDPOTrainer(model, args=config, train_dataset=dataset, processing_class=tokenizer,
                                  method="pro", method_kwargs={"eta": 0.1})        # a fastpref method
@@ -67,9 +67,14 @@ method     loss (:mod:`fastpref.losses.functional`)                     ``method
 =========  ===========================================================  =========================================
 
 ``pro`` with ``hyper_response="exact"`` needs each pair's two responses to differ (their probabilities must sum
-below 1). Reference-free methods never run a reference forward in training; TRL's constructor still provides a
-reference as it would for DPO (with ``ref_model=None`` and no PEFT it loads one from the model's name or path;
-with ``precompute_ref_log_probs=True`` it loads none but runs one fused forward over the dataset instead).
+below 1).
+
+The reference model: with ``ref_model=None`` the reference-free methods (``simpo``, ``typo``, ``drdo``) have none
+(nothing is built, loaded or precomputed; ``precompute_ref_log_probs=True`` and ``sync_ref_model=True`` are refused
+for them; a ``ref_model`` passed anyway is left unused), and the other methods use a frozen copy of the policy as
+passed (``copy.deepcopy``; TRL 1.16 would instead reload the policy from ``config._name_or_path``, which fails for
+a model built from a config with ``Repo id must use alphanumeric chars``). With PEFT the reference is the
+adapter-disabled policy, with ``precompute_ref_log_probs=True`` the policy before training, as in TRL.
 
 The extra trainable modules (DRDO's reward head, AuxDPO's ``delta_raw``) live in ``trainer.fastpref_modules`` (an
 ``nn.ModuleDict``; also ``trainer.reward_head`` / ``trainer.delta_raw``, and ``trainer.delta`` the bounded offsets):
@@ -87,6 +92,12 @@ weaker constraint than the authors', whose ``A`` spans every trainable parameter
 form, by double backward through the reference model's materialized logits over its copies of the parameters the
 policy trains (all of them in full fine-tuning): exact but costly, for small models; it needs a separate
 ``ref_model`` (a PEFT policy's adapter-disabled base is refused).
+
+Overflow (e.g. pure fp16 training that diverges): where stock ``DPOTrainer`` applies a NaN update and carries on with
+NaN parameters, a training step whose forward meets non-finite values or whose gradients are not finite is skipped
+(no parameter or optimizer state changes), logged as a warning and counted in the metric ``skipped_steps``, as a
+GradScaler would; parameters that are no longer finite raise a ``RuntimeError`` naming one
+(:mod:`fastpref.integrations._step_guard`).
 
 Logged metrics keep TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``, ``aux_loss``; plus each fastpref
@@ -114,7 +125,7 @@ constructor checks that the TRL it runs on has the pieces it relies on and raise
 from __future__ import annotations
 
 import contextlib
-
+import copy
 import inspect
 import math
 import os
@@ -126,8 +137,11 @@ from torch import nn
 try:
     from trl import DPOConfig, DPOTrainer
 except ImportError as exc:  # pragma: no cover - trl is an optional dependency
-    raise ImportError("fastpref.integrations.trl needs TRL: `pip install 'fastpref[trl]'`") from exc
+    from .._hints import install_hint
 
+    raise ImportError(f"fastpref.integrations.trl needs TRL: {install_hint('trl')}") from exc
+
+from .._method_names import where
 from ..logprobs import BACKENDS
 from ..losses.auxdpo import (
     DEFAULT_CAP,
@@ -144,6 +158,7 @@ from ..losses.drdo import drdo_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
 from ._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
+from ._step_guard import NonFiniteError, NonFiniteStepGuard
 from ._trl_utils import ExtraColumnsCollator, capture_backbone_hidden, ld_segment_ids, no_gradient_checkpointing
 from ..distributed.replicated import ReplicatedParameters
 from ..distributed.wrappers import probe_head, whole_parameters, whole_shape
@@ -207,7 +222,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise TypeError(f"FastPrefDPOTrainer: `args` must be a trl.DPOConfig, got {type(config).__name__}")
         _check_trl(config)
         if method not in METHODS:
-            raise _error(f"`method` must be one of {METHODS}, got {method!r}")
+            hint = where(method)
+            raise _error(f"`method` must be one of {METHODS}, got {method!r}" + (f"; {hint}" if hint else ""))
         if fastpref_backend not in BACKENDS:
             raise _error(f"`fastpref_backend` must be one of {BACKENDS}, got {fastpref_backend!r}")
         self.fastpref_method = method
@@ -225,10 +241,12 @@ class FastPrefDPOTrainer(DPOTrainer):
             self._check_dataset(eval_dataset, "eval_dataset", train=False)
         if method in ("drdo", "auxdpo"):
             _check_owned_modules(config, method, self.fastpref_method_kwargs, params.get("optimizers"))
+        skip_reference = self._resolve_reference(params, config)
 
         # TRL's precompute pass (inside DPOTrainer.__init__) already calls compute_ref_log_probs, which patches
         # the model it is given on first use.
-        super().__init__(*bound.args[1:], **bound.kwargs)
+        with _no_reference_loading(self) if skip_reference else contextlib.nullcontext():
+            super().__init__(*bound.args[1:], **bound.kwargs)
 
         missing = [name for name in ("_metrics", "ref_model") if not hasattr(self, name)]
         if missing:
@@ -240,6 +258,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported")
 
         self._fastpref_patch_all()
+        self._fastpref_guard = NonFiniteStepGuard(self)
+        self.add_callback(self._fastpref_guard)
         self.fastpref_modules = nn.ModuleDict()
         self._fastpref_columns: dict[str, torch.dtype] = {}
         if method == "drdo":
@@ -299,6 +319,38 @@ class FastPrefDPOTrainer(DPOTrainer):
         return self.fastpref_method not in REFERENCE_FREE
 
     # ------------------------------------------------------------------------------------------ setup
+
+    def _resolve_reference(self, params: dict, config: DPOConfig) -> bool:
+        """The reference model, before TRL builds one. Returns True when TRL must not load one.
+
+        TRL 1.16, given ``ref_model=None`` and a model instance without PEFT, *reloads* the policy from
+        ``model.config._name_or_path``: that fails for a model built from a config (``Repo id must use
+        alphanumeric chars ... ''``) and silently differs from the policy for one changed after loading. Here:
+
+        * reference-free methods (``simpo``, ``typo``, ``drdo``) get no reference at all (nothing built, loaded or
+          precomputed); ``precompute_ref_log_probs`` and ``sync_ref_model`` are refused for them;
+        * the other methods get a frozen copy of the policy as passed (``copy.deepcopy``, ``requires_grad=False``,
+          eval mode), as TRL's own ``create_reference_model`` and older TRL releases do. With PEFT (a
+          ``PeftModel`` or ``peft_config``) the reference is the adapter-disabled policy and with
+          ``precompute_ref_log_probs=True`` the policy before training, as in TRL; a model given by name is loaded
+          by TRL, reference included.
+        """
+        model, ref_model = params.get("model"), params.get("ref_model")
+        method = self.fastpref_method
+        uses_peft = params.get("peft_config") is not None or (isinstance(model, nn.Module) and is_peft_model(model))
+        if method in REFERENCE_FREE:
+            if config.precompute_ref_log_probs:
+                raise _error(f"method={method!r} is reference-free: `precompute_ref_log_probs=True` would run a "
+                             "reference pass it never uses; set it to False")
+            if getattr(config, "sync_ref_model", False):
+                raise _error(f"method={method!r} is reference-free: there is no reference to sync "
+                             "(`sync_ref_model=True`)")
+            return ref_model is None and not uses_peft
+        if ref_model is None and isinstance(model, nn.Module) and not uses_peft and not config.precompute_ref_log_probs:
+            reference = copy.deepcopy(model)
+            reference.requires_grad_(False)
+            params["ref_model"] = reference.eval()
+        return False
 
     def _check_dataset(self, dataset, name: str, *, train: bool):
         method = self.fastpref_method
@@ -436,6 +488,17 @@ class FastPrefDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------ the loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss (or the selected method's) from fused log-probs. In training, a forward that overflows
+        (:class:`fastpref.NonFiniteError`) gives a NaN loss and its optimizer step is skipped
+        (:mod:`fastpref.integrations._step_guard`)."""
+        try:
+            return self._fastpref_loss(model, inputs, return_outputs)
+        except NonFiniteError as exc:
+            if not self.model.training or return_outputs:
+                raise
+            return self._fastpref_guard.overflow_loss(model, exc)
+
+    def _fastpref_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
         args = self.args
         method = self.fastpref_method
@@ -611,6 +674,27 @@ class FastPrefDPOTrainer(DPOTrainer):
 # ---------------------------------------------------------------------------------------------- checks
 
 
+@contextlib.contextmanager
+def _no_reference_loading(trainer: "FastPrefDPOTrainer"):
+    """While ``DPOTrainer.__init__`` runs: TRL's reference loading (``create_model_from_path`` once the trainer has
+    its ``model``; the policy given by name is loaded before that, normally) yields no model, so a reference-free
+    method leaves ``ref_model`` None without loading anything."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    original = dpo_module.create_model_from_path
+
+    def load(*args, **kwargs):
+        if getattr(trainer, "model", None) is None:  # the policy, given as a name
+            return original(*args, **kwargs)
+        return None
+
+    dpo_module.create_model_from_path = load
+    try:
+        yield
+    finally:
+        dpo_module.create_model_from_path = original
+
+
 def _check_trl(config: DPOConfig) -> None:
     """The pieces of TRL's DPOTrainer this subclass relies on (TRL 1.x)."""
     problems = []
@@ -622,6 +706,10 @@ def _check_trl(config: DPOConfig) -> None:
     for name in ("model", "ref_model", "args", "train_dataset"):
         if name not in init:
             problems.append(f"the `{name}` constructor argument")
+    import trl.trainer.dpo_trainer as dpo_module
+
+    if not callable(getattr(dpo_module, "create_model_from_path", None)):  # how a reference-free method skips it
+        problems.append("`trl.trainer.dpo_trainer.create_model_from_path` (the reference-model loader)")
     if problems:
         import trl
 
