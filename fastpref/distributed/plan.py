@@ -33,9 +33,13 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from .._validation import empty_sequences_check
+from .._validation import NonFiniteError, empty_sequences_check
 from ._collectives import ProcessGroup, all_gather_rows, require_group, sum_across_group
 from .sharded_head import ShardedHead
+
+# an error a rank raised while checking its input, as exchanged with the group (0: none; the largest code wins)
+_ERROR_CODES = {TypeError: 1, ValueError: 2, NonFiniteError: 3}
+
 
 def is_dtensor(x) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor``, without importing that module (about 1 s): a DTensor
@@ -78,10 +82,10 @@ class DistributedHead:
             return layout_fn(*args, **kwargs)
         try:
             layout = layout_fn(*args, **kwargs)
-        except (TypeError, ValueError):
-            self._exchange(None)
+        except (TypeError, ValueError) as exc:
+            self._exchange(None, next(code for cls, code in reversed(_ERROR_CODES.items()) if isinstance(exc, cls)))
             raise
-        self._exchange(layout)
+        self._exchange(layout, 0)
         return layout
 
     def _fingerprint(self, layout) -> list[float]:
@@ -95,8 +99,8 @@ class DistributedHead:
                             checksum, scored.max().double() if scored.numel() else checksum.new_full((), -1.0)])
         return [float(hidden2d.shape[0]), float(num_sequences), *sums.tolist()]
 
-    def _exchange(self, layout) -> None:
-        failed = layout is None
+    def _exchange(self, layout, code: int) -> None:
+        failed = code != 0
         for name, group in (("vocabulary-parallel", self.vocab_group), ("context-parallel", self.context_group)):
             if group is None:
                 continue
@@ -107,14 +111,16 @@ class DistributedHead:
                 facts += [0.0] * 6 if failed else self._fingerprint(layout)
             else:
                 facts = [0.0 if failed else float(layout.num_sequences)]
-            mine = torch.tensor([float(failed), *facts], dtype=torch.float64, device=device)
+            mine = torch.tensor([float(code), *facts], dtype=torch.float64, device=device)
             table = all_gather_rows(mine, group).cpu()
             if failed:
                 continue  # this rank raises its own error
             if bool(table[:, 0].any()):
                 bad = [int(r) for r in torch.nonzero(table[:, 0]).reshape(-1)]
-                raise ValueError(f"another rank of the {name} group (group ranks {bad}) rejected its input to "
-                                 "sequence_logprobs; see that rank's error")
+                # the failing rank's kind of error: a trainer that skips a step on NonFiniteError skips it everywhere
+                kind = max(_ERROR_CODES, key=lambda cls: _ERROR_CODES[cls] if _ERROR_CODES[cls] in table[:, 0] else -1)
+                raise kind(f"another rank of the {name} group (group ranks {bad}) rejected its input to "
+                           "sequence_logprobs; see that rank's error")
             if name == "vocabulary-parallel":
                 self._check_vocab_table(table)
             elif not bool((table[:, 1] == table[0, 1]).all()):

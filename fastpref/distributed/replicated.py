@@ -3,8 +3,9 @@
 They are replicated: every rank holds all of them (they are small: ``2 x examples`` floats, ``D + 1`` weights) and
 updates them identically. Their gradient is produced by each rank's own batch, so before every optimizer step it is
 averaged over the data-parallel ranks, exactly as DDP, FSDP and ZeRO average the model's (one all-reduce of all of
-them, flattened). When DeepSpeed or FSDP2 owns the model's optimizer (DeepSpeed wraps it in its ZeRO optimizer;
-accelerate's FSDP2 maps every optimizer parameter to a model parameter), they get an optimizer of their own, of the
+them, flattened), and cleared after it. When DeepSpeed or FSDP owns the model's optimizer (DeepSpeed wraps it in its
+ZeRO optimizer; accelerate's FSDP2 maps every optimizer parameter to a model parameter), they get an optimizer of
+their own, of the
 Trainer's class and settings (``TrainingArguments.optim``, its learning rate and betas; no weight decay) and
 the Trainer's learning-rate schedule, stepped at the same points as the model's.
 """
@@ -22,21 +23,33 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def average_gradients(params: Sequence[torch.Tensor], group=None) -> None:
-    """``p.grad`` := mean over the ranks of ``group`` (all of them, in one all-reduce); a missing gradient counts as
-    zero (every rank calls this with the same parameters, whatever its batch touched)."""
+def average_gradients(params: Sequence[torch.Tensor], group=None) -> bool:
+    """``p.grad`` := mean over the ranks of ``group`` (all of them, in one all-reduce). A parameter without a
+    gradient on some rank counts as zero there; when some rank has no gradient for any of them (its step was
+    dropped, e.g. by :class:`fastpref.integrations._step_guard.NonFiniteStepGuard`) or the mean is not finite, every
+    rank drops them all (``grad = None``) and False is returned: the same decision on every rank."""
+    if not params:
+        return True
     size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-    if size == 1 or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat /= size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
-        offset += n
+    grads = [p.grad for p in params]
+    if size == 1:
+        usable = any(g is not None for g in grads) and all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+    else:
+        dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+        none = float(all(g is None for g in grads))
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense] + [dense[0].new_full((1,), none, dtype=torch.float32)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        usable = bool(flat[-1] == 0) and bool(torch.isfinite(flat).all())
+        flat /= size
+        offset = 0
+        for p, g in zip(params, dense):
+            n = g.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+    if not usable:
+        for p in params:
+            p.grad = None
+    return usable
 
 
 def broadcast_from_first(params: Sequence[torch.Tensor], group=None) -> None:
@@ -78,9 +91,10 @@ class ReplicatedParameters(TrainerCallback):
                                        scheduler_specific_kwargs=args.lr_scheduler_kwargs)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        average_gradients(self.params)
+        usable = average_gradients(self.params)
         if self.optimizer is not None:
-            self.optimizer.step()
+            if usable:  # a dropped step (non-finite gradients) moves none of them, as the model's
+                self.optimizer.step()
             self.scheduler.step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
