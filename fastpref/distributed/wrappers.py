@@ -283,8 +283,8 @@ def plain_head_within(model: nn.Module, module: nn.Module, head: nn.Module, root
     """Within the block, ``model``'s head ``module`` is a plain stand-in holding ``head``'s whole parameters when
     it is wrapped or sharded (nothing changes otherwise): for running the model's own forward on the head without
     gradient and without the wrapper (checking the head). A collective when a gather is needed: every rank."""
-    if module is head and is_whole(head):
-        yield head
+    if is_whole(head) and not any(is_fsdp1(m) or is_fsdp2(m) for m in module.modules()):
+        yield head  # no wrapper to keep out of the way, nothing to gather
         return
     with whole_parameters(module, head, root) as tensors:
         probe = probe_head(head, tensors)

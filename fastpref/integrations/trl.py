@@ -110,11 +110,12 @@ Unsupported, raising at construction (never a silent difference): ``use_weightin
 vision datasets, padding-free batches, and for ``drdo``/``auxdpo`` a user-built optimizer lacking their
 parameters.
 
-Multi-process (DDP, FSDP1, FSDP2, DeepSpeed ZeRO-1/2/3, through accelerate or ``torchrun``): the patched forward
-reads the head where it is whole and runs the fused head inside the head's own FSDP unit / ZeRO-3 module when it
-is sharded there; the reference model, which TRL wraps in its constructor, is patched after wrapping and its head
-checked on a gathered copy on every rank; AuxDPO's head penalty reads the reference head gathered without
-gradient (:mod:`fastpref.distributed.wrappers`).
+Several processes (tested under accelerate with DDP, FSDP2 and DeepSpeed ZeRO-3; the patch itself also under
+FSDP1): the patched forward reads the head where it is whole and runs the fused head inside the head's own FSDP
+unit / ZeRO-3 module when it is sharded there; the reference model, which TRL wraps in its constructor, is patched
+after wrapping and its head checked on a gathered copy on every rank; AuxDPO's head penalty reads the reference
+head gathered without gradient (:mod:`fastpref.distributed.wrappers`). ``null_penalty="params"`` is refused under
+FSDP / DeepSpeed (it differentiates the sharded reference parameters).
 
 TRL hooks overridden (TRL 1.16): ``compute_loss`` (Trainer's public hook; TRL's private ``_compute_loss`` is
 not called), ``compute_ref_log_probs(model, inputs)`` (called by TRL's precompute pass), the Trainer hooks
@@ -142,6 +143,8 @@ except ImportError as exc:  # pragma: no cover - trl is an optional dependency
     raise ImportError(f"fastpref.integrations.trl needs TRL: {install_hint('trl')}") from exc
 
 from .._method_names import where
+from ..distributed.replicated import ReplicatedParameters
+from ..distributed.wrappers import probe_head, whole_parameters, whole_shape
 from ..logprobs import BACKENDS
 from ..losses.auxdpo import (
     DEFAULT_CAP,
@@ -160,8 +163,6 @@ from ..losses.typo import typo_loss
 from ._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from ._step_guard import NonFiniteError, NonFiniteStepGuard
 from ._trl_utils import ExtraColumnsCollator, capture_backbone_hidden, ld_segment_ids, no_gradient_checkpointing
-from ..distributed.replicated import ReplicatedParameters
-from ..distributed.wrappers import probe_head, whole_parameters, whole_shape
 from .transformers import _STATE, _targets, patch
 
 __all__ = ["FastPrefDPOTrainer", "METHODS", "ORACLE_COLUMNS", "INDEX_COLUMN"]
@@ -648,7 +649,6 @@ class FastPrefDPOTrainer(DPOTrainer):
             torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
             bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
             softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
-
 
     def _param_null_penalty(self, inputs, delta: torch.Tensor) -> torch.Tensor:
         """AuxDPO's ``||A delta||^2`` over the reference copies of every parameter the policy trains (the authors'
