@@ -256,7 +256,8 @@ def _resolve_dtensor(hidden, weight, bias, context_group) -> DistributedHead:
     chunk = -(-V // n)  # Shard(0) splits like torch.chunk: ceil(V / n) rows per rank, the last ones shorter
     start = min(r * chunk, V)
     if local_w.shape[0] != max(min(chunk, V - start), 0):
-        raise ValueError(f"`weight`'s local shard has {local_w.shape[0]} rows, expected {max(min(chunk, V - start), 0)} "
+        expected = max(min(chunk, V - start), 0)
+        raise ValueError(f"`weight`'s local shard has {local_w.shape[0]} rows, expected {expected} "
                          f"for rank {r} of {n} under torch.chunk's split of {V} rows")
     group = mesh.get_group(dim)
     if context_group is not None and context_group is group:

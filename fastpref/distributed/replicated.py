@@ -33,11 +33,13 @@ def average_gradients(params: Sequence[torch.Tensor], group=None) -> bool:
     size = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     grads = [p.grad for p in params]
     if size == 1:
-        usable = any(g is not None for g in grads) and all(bool(torch.isfinite(g).all()) for g in grads if g is not None)
+        present = [g for g in grads if g is not None]
+        usable = bool(present) and all(bool(torch.isfinite(g).all()) for g in present)
     else:
         dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         none = float(all(g is None for g in grads))
-        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense] + [dense[0].new_full((1,), none, dtype=torch.float32)])
+        marker = dense[0].new_full((1,), none, dtype=torch.float32)  # 1: this rank has no gradient at all
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in dense] + [marker])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         usable = bool(flat[-1] == 0) and bool(torch.isfinite(flat).all())
         flat /= size

@@ -71,7 +71,8 @@ def launch(worker: str, *args: str, nproc: int = 2, timeout: float = 240.0, env:
             log.close()
         codes = [p.returncode for p in procs]
         if timed_out or any(codes):
-            tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{out[-6000:]}" for r, (c, out) in enumerate(zip(codes, outputs)))
+            tails = "\n".join(f"--- rank {r} (exit {c}) ---\n{out[-6000:]}"
+                              for r, (c, out) in enumerate(zip(codes, outputs)))
             why = f"timed out after {timeout:.0f}s (a hang)" if timed_out else f"exit codes {codes}"
             raise LaunchError(f"{worker}: {why}\n{tails}")
         results = []

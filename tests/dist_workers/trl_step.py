@@ -92,7 +92,8 @@ def _dataset():
     rows = []
     for i in range(PAIRS):
         row = {"prompt": words(2, 5), "chosen": " " + words(2, 6), "rejected": " " + words(2, 6),
-               "oracle_chosen": float(torch.randn(1, generator=g)), "oracle_rejected": float(torch.randn(1, generator=g))}
+               "oracle_chosen": float(torch.randn(1, generator=g)),
+               "oracle_rejected": float(torch.randn(1, generator=g))}
         rows.append(row)
     return datasets.Dataset.from_list(rows)
 
@@ -114,7 +115,8 @@ def _config(method):
     from trl import DPOConfig
 
     kw = dict(output_dir=os.path.join(os.environ["FASTPREF_OUT"], f"{MODE}-{method}"),
-              per_device_train_batch_size=PAIRS // 2, gradient_accumulation_steps=2 // WORLD, max_steps=2, report_to=[], save_strategy="no",
+              per_device_train_batch_size=PAIRS // 2, gradient_accumulation_steps=2 // WORLD, max_steps=2,
+              report_to=[], save_strategy="no",
               logging_steps=1, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", seed=0,
               max_grad_norm=0.0, disable_tqdm=True, dataloader_num_workers=0, bf16=False, beta=0.5)
     if MODE in ("reference", "ddp"):
