@@ -47,9 +47,10 @@ from .common import (bench, dpo_from_logps, dpo_step, float64_logps, free_memory
                      naive_logps, optional_import, versions, write_results)
 
 PEAKED = 17.0
-IMPLS = ("fastpref", "naive", "liger", "cce")
-COLORS = {"matmul": "0.45", "fastpref": "C0", "naive": "C1", "liger": "C2", "cce": "C3"}
-ANCHORS = ("liger", "cce")  # optional packages: their failures never fail the run
+IMPLS = ("fastpref", "naive", "liger", "cce", "trl", "torch_lce")
+COLORS = {"matmul": "0.45", "fastpref": "C0", "naive": "C1", "liger": "C2", "cce": "C3", "trl": "C4",
+          "torch_lce": "C5"}
+ANCHORS = ("liger", "cce", "trl", "torch_lce")  # optional packages: their failures never fail the run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +109,18 @@ def make_step(impl: str, softcap: Optional[float], backend: str, device):
             H, W, lab, softcap=softcap, backend=backend, validate=False).response, timed=True)
     if impl == "naive":
         return head_check.naive_step if softcap is None else dpo_step(lambda H, W, lab: naive_logps(H, W, lab, softcap))
+    if impl == "trl":
+        step = head_check.trl_step(softcap)
+        if step is None:
+            raise Skip("missing", "package not installed: trl (trl.kernels.chunked_logprob, TRL >= 1.16)")
+        return step
+    if impl == "torch_lce":
+        if softcap is not None:
+            raise Skip("unsupported", "softcap unsupported: torch.nn.functional.linear_cross_entropy takes none")
+        step = head_check.torch_lce_step()
+        if step is None:
+            raise Skip("missing", f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+        return step
     if impl in ANCHORS:
         package = {"liger": "liger_kernel.chunked_loss", "cce": "cut_cross_entropy"}[impl]
         mod = optional_import(package)

@@ -25,7 +25,7 @@ import torch
 import fastpref
 from fastpref.reference import token_logprobs_reference
 
-from .common import (Timer, add_shape_args, bench, dpo_from_logps, guarded, make_inputs, markdown_table,
+from .common import (Timer, add_shape_args, bench, dpo_from_logps, dpo_step, guarded, make_inputs, markdown_table,
                      naive_logps, optional_import, resolve_device, versions, write_results)
 
 
@@ -151,6 +151,37 @@ def cce_step():
     return step
 
 
+def trl_step(softcap=None):
+    """TRL 1.16's own fused head (``trl.kernels.chunked_logprob.ChunkedLogProbFunction``): the scored rows
+    compacted as TRL does on CUDA, per-token log-probs summed per sequence."""
+    mod = optional_import("trl.kernels.chunked_logprob")
+    if mod is None:
+        return None
+
+    def logps(H, W, lab):
+        m = lab != -100
+        lp = mod.ChunkedLogProbFunction.apply(H[m], W, None, lab[m], 1.0, 32768, softcap, 1.0, ())[0]
+        return torch.zeros(m.shape, dtype=lp.dtype, device=lp.device).masked_scatter(m, lp).sum(-1)
+
+    return dpo_step(logps)
+
+
+def torch_lce_step():
+    """PyTorch's own ``torch.nn.functional.linear_cross_entropy`` (chunked; torch >= 2.13), per-token losses."""
+    fn = getattr(torch.nn.functional, "linear_cross_entropy", None)
+    if fn is None:
+        return None
+    options = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+
+    def logps(H, W, lab):
+        B, T, D = H.shape
+        kw = {"options": options} if options is not None else {}
+        ce = fn(H.reshape(-1, D), W, lab.reshape(-1), reduction="none", ignore_index=-100, **kw)
+        return -ce.view(B, T).float().sum(-1)
+
+    return dpo_step(logps)
+
+
 def matmul_step(W, H, Href, lab):
     with torch.no_grad():
         out = H.reshape(-1, H.shape[-1]) @ W.t()
@@ -161,7 +192,8 @@ def timing(a, device):
     W, H, Href, lab = make_inputs(a.pairs, a.T, a.D, a.V, a.prompt_frac, device, peaked=a.peaked)
     W.requires_grad_(True)
     H.requires_grad_(True)
-    impls = {"matmul": matmul_step, "fastpref": fastpref_step(a.backend), "naive": naive_step}
+    impls = {"matmul": matmul_step, "fastpref": fastpref_step(a.backend), "naive": naive_step,
+             "trl": trl_step(), "torch_lce": torch_lce_step()}
     if not a.smoke:
         impls["liger"], impls["cce"] = liger_step(), cce_step()
     rows = []

@@ -21,7 +21,8 @@ TRAINER_CALLS: dict[str, str] = {
     "pro-binary": "BinaryFeedbackTrainer(method='pro')",
     "pro-scalar": "ScalarFeedbackTrainer(method='pro')",
     "dro": "ScalarFeedbackTrainer(method='dro')",
-    "typo": "TYPOTrainer (pairs and reference samples); FastPrefDPOTrainer(method='typo') for pairs alone",
+    "typo": "TYPOTrainer (pairs and reference samples); FastPrefDPOTrainer(method='typo', "
+            "method_kwargs={'lam': 0.0}) for pairs alone",
     "auxdpo": "FastPrefDPOTrainer(method='auxdpo')",
     "drdo": "FastPrefDPOTrainer(method='drdo') or OracleRewardTrainer(method='drdo')",
     "kto": "BinaryFeedbackTrainer(method='kto')",

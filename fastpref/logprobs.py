@@ -27,6 +27,7 @@ import torch
 
 from ._autograd import fused_head, reject_transforms
 from ._rows import row_sequences
+from .distributed import plan as _distributed
 from ._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -131,7 +132,7 @@ def _resolve_backend(backend: str, hidden: torch.Tensor):
 
 
 def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate, *,
-            logit_scale: float = 1.0) -> _Layout:
+            logit_scale: float = 1.0, spread=None) -> _Layout:
     require_tensor("hidden", hidden, dims=(2, 3), dtypes=FLOAT_DTYPES)
     require_tensor("weight", weight, dims=(2,), dtypes=FLOAT_DTYPES)
     require_tensor("labels", labels, dtypes=INT_DTYPES)
@@ -182,7 +183,7 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
                            segment_ids.reshape(-1).long(), 0)
     if validate:
         data_checks(hidden, weight, bias, flat_labels, segment_ids, cu_seqlens, ignore_index, logit_scale,
-                    segments=segments, sequence=sequence, num_sequences=num_sequences)
+                    segments=segments, sequence=sequence, num_sequences=num_sequences, spread=spread)
     hidden2d = hidden.reshape(-1, D)
     if hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
@@ -190,11 +191,14 @@ def _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens,
 
 
 def data_checks(hidden, weight, bias, labels, segment_ids, cu_seqlens, ignore_index: int, logit_scale: float, *,
-                row_len: int = 0, segments=None, sequence=None, num_sequences: Optional[int] = None) -> None:
+                row_len: int = 0, segments=None, sequence=None, num_sequences: Optional[int] = None,
+                spread=None) -> None:
     """The checks that read values (one device synchronization): labels within ``[0, V)`` or ``ignore_index``,
     segment ids in {0, 1, 2}, ``cu_seqlens`` ordered, no sequence without a scored token, finite inputs and
     logits within float32's range. Raises the first failure. Runs inside the fused-head op (so compiled graphs
-    keep it) and in :func:`_layout` for the other entry points."""
+    keep it) and in :func:`_layout` for the other entry points. ``spread`` (a distributed head's local part):
+    labels are checked against the whole head's vocabulary, and a context-parallel rank leaves the empty-sequence
+    check to the group's summed counts."""
     flat_labels = labels.reshape(-1).long()
     valid = flat_labels != ignore_index
     if segments is None:
@@ -203,7 +207,7 @@ def data_checks(hidden, weight, bias, labels, segment_ids, cu_seqlens, ignore_in
         N = flat_labels.numel()
         sequence, num_sequences = row_sequences(N, flat_labels.device, row_len=row_len or None,
                                                 cu_seqlens=None if row_len else cu_seqlens)
-    V = weight.shape[0]
+    V = weight.shape[0] if spread is None else spread.label_bound
     checks = [(f"`labels` holds values outside [0, {V}) that are not ignore_index={ignore_index}",
                (valid & ((flat_labels < 0) | (flat_labels >= V))).any())]
     if segment_ids is not None:
@@ -216,7 +220,8 @@ def data_checks(hidden, weight, bias, labels, segment_ids, cu_seqlens, ignore_in
                        (cu[0] != 0) | (cu[-1] != hidden.shape[0]) | (cu[1:] <= cu[:-1]).any()))
     scored_per_seq = torch.zeros(num_sequences, dtype=torch.long, device=hidden.device).index_add(
         0, sequence, (segments > 0).long())
-    checks.append(empty_sequences_check(scored_per_seq))
+    if spread is None or spread.context_group is None:  # context parallel: checked on the group's counts
+        checks.append(empty_sequences_check(scored_per_seq))
     checks += value_checks(hidden, weight, bias, logit_scale)
     raise_failed_checks(checks)
 
@@ -226,6 +231,35 @@ def _segment_sums(values: torch.Tensor, slot: torch.Tensor, S: int, dtype) -> tu
     totals = torch.zeros(2 * S, dtype=torch.float64, device=values.device).index_add(0, slot, values.double())
     totals = totals.view(S, 2)
     return totals[:, 0].to(dtype, copy=True), totals[:, 1].to(dtype, copy=True)
+
+
+def _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ignore_index, reduction, logit_scale,
+                          softcap, cu_seqlens, backend, return_token_logps, return_stats, validate) -> "SequenceLogProbs":
+    """A vocabulary-parallel and/or context-parallel head (:mod:`fastpref.distributed`): every rank of a group
+    checks and computes the same way; eager only (not through the custom op)."""
+    if return_stats:
+        raise NotImplementedError("return_stats=True is not supported with a vocabulary- or context-parallel head: "
+                                  "the per-token statistics would need their own cross-rank merge")
+    layout_args = (hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate)
+    layout = spread.checked_layout(_layout, validate, *layout_args, logit_scale=logit_scale, spread=spread)
+    impl = _resolve_backend(backend, hidden)
+    hidden2d, flat_labels, segments, sequence, S = layout
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    rows = torch.nonzero(segments > 0).squeeze(1)
+    lp_rows = spread.token_logprobs(hidden2d, weight, bias, rows, flat_labels.index_select(0, rows), impl,
+                                    {"logit_scale": logit_scale, "softcap": softcap})
+    lp = torch.zeros(hidden2d.shape[0], dtype=lp_rows.dtype, device=lp_rows.device).index_put((rows,), lp_rows)
+    slot = sequence * 2 + (segments == PROMPT).long()
+    totals = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(0, slot, lp.double()).view(S, 2)
+    counts = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(
+        0, slot, (segments > 0).double()).view(S, 2)
+    totals, counts = spread.sequence_totals(totals, counts, validate)  # context parallel: summed across the group
+    if reduction == "mean":
+        totals = totals / counts.clamp(min=1)
+    column = lambda x, j: x[:, j].to(lp.dtype, copy=True)  # noqa: E731 - independent tensors
+    return SequenceLogProbs(column(totals, 0), column(totals, 1), column(counts, 0), column(counts, 1),
+                            lp.view(labels.shape) if return_token_logps else None)
 
 
 def sequence_logprobs(
@@ -244,6 +278,9 @@ def sequence_logprobs(
     return_token_logps: bool = False,
     return_stats: bool = False,
     validate: bool = True,
+    vocab_parallel_group=None,
+    vocab_range: Optional[tuple[int, int]] = None,
+    context_parallel_group=None,
 ) -> SequenceLogProbs:
     """Sum (or mean) of token log-probs per sequence segment, computed from hidden states and the head.
 
@@ -272,6 +309,13 @@ def sequence_logprobs(
         validate: run the data-dependent checks (label range, segment ids, finite values, logits within
             float32's range, ``cu_seqlens`` order, sequences with no scored token), which cost one device
             synchronization. Shape, dtype and device checks always run.
+        vocab_parallel_group, vocab_range: a head sharded by vocabulary rows across a process group: ``weight``
+            (and ``bias``) is this rank's plain shard, rows ``[start, stop)`` of the whole head
+            (``vocab_range=(start, stop)``); ``hidden``/``labels``/``segment_ids`` are the same on every rank of
+            the group and every rank gets the whole head's log-probs. A ``weight`` that is a ``Shard(0)``
+            DTensor (``ColwiseParallel`` on ``lm_head``) needs neither. See :mod:`fastpref.distributed`.
+        context_parallel_group: each rank holds a slice along time of the same sequences (and the whole head):
+            per-sequence totals and counts are summed across the group, the head's gradient too.
 
     Returns:
         :class:`SequenceLogProbs`. Gradients flow to ``hidden``, ``weight`` and ``bias`` from ``response``,
@@ -284,10 +328,21 @@ def sequence_logprobs(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    # --- distributed head (fastpref.distributed): local shards and groups; None for a plain call ----------------
+    spread = None
+    if _distributed.requested(hidden, weight, bias, vocab_parallel_group, vocab_range, context_parallel_group):
+        spread = _distributed.resolve(hidden, weight, bias, vocab_parallel_group=vocab_parallel_group,
+                                      vocab_range=vocab_range, context_parallel_group=context_parallel_group)
+        hidden, weight, bias = spread.hidden, spread.weight, spread.bias
+    # -------------------------------------------------------------------------------------------------------------
     reject_transforms(hidden, weight, bias)
     if not torch.compiler.is_compiling():  # traced, the numbers are symbolic: the op checks them when it runs
         logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
         softcap = require_softcap(softcap)
+    if spread is not None:
+        return _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ignore_index, reduction,
+                                     logit_scale, softcap, cu_seqlens, backend, return_token_logps, return_stats,
+                                     validate)
     layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, False,
                      logit_scale=logit_scale)
     name = _backend_name(backend, hidden)

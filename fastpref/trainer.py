@@ -89,6 +89,7 @@ from .collators import (
     ScalarFeedbackCollator,
     TYPOCollator,
 )
+from .distributed.wrappers import whole_shape
 from .integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from .integrations._trl_utils import capture_backbone_hidden
 from .integrations.transformers import _STATE, _targets, patch
@@ -655,7 +656,8 @@ class _RewardHeadTrainer(FastPrefTrainer):
         if reward_head is None:
             if not isinstance(model, nn.Module):
                 raise TypeError(f"{name}: `model` must be a torch module, got {type(model).__name__}")
-            hidden_size = resolve_head(find_causal_lm(model).get_output_embeddings()).weight.shape[-1]
+            # from the head module: its weight may be a ZeRO-3 placeholder (loaded under zero.Init) or a shard
+            hidden_size = whole_shape(resolve_head(find_causal_lm(model).get_output_embeddings()))[1]
             reward_head = nn.Linear(hidden_size, 1)
         elif not isinstance(reward_head, nn.Module) or not list(reward_head.parameters()):
             raise TypeError(f"{name}: `reward_head` must be a torch module with parameters, got {type(reward_head)}")

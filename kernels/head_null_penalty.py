@@ -1,6 +1,6 @@
 """AuxDPO's head null-space pass: per scored row, ``r_t . (G h_t + g_b)`` with no ``N x V`` buffer.
 
-AuxDPO (METHODS.md section 5) penalizes ``||G||_F^2 + ||g_b||^2`` with ``G = sum_t w_t r_t h_t^T`` and
+AuxDPO (docs/methods.md section 5) penalizes ``||G||_F^2 + ||g_b||^2`` with ``G = sum_t w_t r_t h_t^T`` and
 ``g_b = sum_t w_t r_t`` (the head gradients of ``sum_t w_t lp_t``, ``w_t = delta_seq(t)``: the backward
 kernel's ``dW`` and ``db``). Its derivative in ``delta_j`` is ``2 sum_{t in j} u_t`` with, per row::
 

@@ -6,12 +6,16 @@
 import triton
 import triton.language as tl
 
+from .scalar_math import expm1
+
 
 @triton.jit
 def tanh(x):
-    """tanh through one exp of a non-positive argument: no overflow, exact limits, no libdevice."""
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
+    """``tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|))``, sign restored: no overflow, exact limits, no libdevice,
+    and no cancellation at small ``|x|`` (``(1 - e^{-2|x|}) / (1 + e^{-2|x|})`` loses ``2^-24 / |x|`` relative
+    there: 4e-6 nats in the logits at softcap 30, 4e-4 at 1e4)."""
+    em = expm1(-2.0 * tl.abs(x))
+    t = -em / (2.0 + em)
     return tl.where(x >= 0, t, -t)
 
 

@@ -1,4 +1,4 @@
-"""AuxDPO's null-space penalty (METHODS.md section 5): the fused head form against a float64 autograd reference,
+"""AuxDPO's null-space penalty (docs/methods.md section 5): the fused head form against a float64 autograd reference,
 the autograd form for parameter lists, the exact null-space basis, and bad input.
 
 Tolerances (relative): fp32 1e-5 for the penalty and ``||g - g_ref|| / ||g_ref||`` of ``d/d delta``; bf16 1e-2

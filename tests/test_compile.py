@@ -9,9 +9,6 @@ import pytest
 import torch
 import torch._dynamo
 
-# Inductor's own imports call torch.jit.script_method (torch's deprecation, not ours)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-
 import fastpref
 from fastpref.losses import functional as F
 

@@ -185,7 +185,7 @@ def test_auxdpo_module_head_penalty(backend):
 
 def test_auxdpo_module_delta_layout_init_and_optimizer_group():
     """The authors' layout: delta = cap tanh(delta_raw), delta_raw ~ N(0, 1e-3), its own group at lr 5e-3 without
-    weight decay (METHODS.md section 5)."""
+    weight decay (docs/methods.md section 5)."""
     torch.manual_seed(0)
     mod = fastpref.AuxDPOLoss(5000)
     assert mod.delta_raw.shape == (10000,) and mod.delta_raw.requires_grad

@@ -404,3 +404,12 @@ def test_vocabulary_shards_merge_into_the_whole_head(backend):
     torch.testing.assert_close(shard[0][0] + shard[1][0], dh, rtol=1e-5, atol=1e-6)  # dH: all-reduced
     torch.testing.assert_close(torch.cat([shard[0][1], shard[1][1]]), dw, rtol=1e-5, atol=1e-6)  # dW: own rows
     torch.testing.assert_close(torch.cat([shard[0][2], shard[1][2]]), db, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("softcap", [30.0, 1e4])
+def test_softcap_keeps_small_arguments_exact(softcap):
+    """``c tanh(z / c)`` with ``|z / c|`` small: the Triton tanh must not cancel (it used to lose 2^-24 / |z/c|)."""
+    hidden, weight, rows, labels = _rows_problem(seed=71, spread=0.6)
+    lp, _ = triton_fused.forward(hidden, weight, None, rows, labels, softcap=softcap)
+    ref = token_logprobs_reference(hidden[rows].double(), weight.double(), labels, softcap=softcap)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-6, atol=1e-6)

@@ -1,8 +1,8 @@
-"""``fastpref.losses.functional`` against independent float64 transcriptions of METHODS.md.
+"""``fastpref.losses.functional`` against independent float64 transcriptions of docs/methods.md.
 
 The references below are written from the formulas (loops over pairs / groups, naive float64 math) and share no
 helper with the implementation.  Each test compares values and autograd gradients on fresh random inputs, in
-float64 (tight) and float32 (fp32 rounding).  Then the identities METHODS.md states, the existence conditions,
+float64 (tight) and float32 (fp32 rounding).  Then the identities docs/methods.md states, the existence conditions,
 fp32 stability over log-probs from -1e5 to -1e-8, and input validation.
 """
 
@@ -118,7 +118,7 @@ def ref_pro_pairwise(lp, rlp, *, beta, alpha, eta, exact):
 
 
 def ref_pro_scalar(lp, rlp, R, gid, *, beta, alpha, eta, tau, exact, lam=2.0):
-    """eta None: 1/(K+1) per group; alpha None: lam / (eta (1 - eta)) (PRO-S's defaults, METHODS.md)."""
+    """eta None: 1/(K+1) per group; alpha None: lam / (eta (1 - eta)) (PRO-S's defaults, docs/methods.md)."""
     out = []
     for g in sorted(set(gid.tolist())):
         idx = [i for i in range(len(gid)) if gid[i] == g]
@@ -404,7 +404,7 @@ def test_pro_binary_vs_reference(hyper_response, dtype):
 
 
 def test_pro_pairwise_eta0_alpha1_times4_is_dpo():
-    """METHODS.md: with eta = 0, alpha = 1, PRO-P x 4 has exactly DPO sigmoid's gradient (value: DPO + log 2)."""
+    """docs/methods.md: with eta = 0, alpha = 1, PRO-P x 4 has exactly DPO sigmoid's gradient (value: DPO + log 2)."""
     g = torch.Generator().manual_seed(10)
     B = 8
     for dtype in (F64, torch.float32):
@@ -443,7 +443,7 @@ def test_pro_exact_hyper_response_tends_to_zero_mode():
 
 
 def test_pro_existence_conditions():
-    """METHODS.md: PRO-P has an optimum iff alpha (1 - eta^2) > 1 (the seed's alpha (1 - eta)^2 >= 1 is only
+    """docs/methods.md: PRO-P has an optimum iff alpha (1 - eta^2) > 1 (the seed's alpha (1 - eta)^2 >= 1 is only
     sufficient); PRO-S iff alpha (1 - eta)(K - 1 + eta) > K - 1; PRO-B iff lam > 1."""
     g = torch.Generator().manual_seed(12)
     lp, ref_lp = _logps(g, 8), _logps(g, 8)
@@ -543,7 +543,7 @@ def test_pro_group_mass_above_one_still_raises():
 
 
 def test_pro_binary_stationary_point():
-    """PRO-B's stationary point: sigma(r_y - r_h) = 1/2 + (z - 1/2)/lam (METHODS.md), zero hyper mode."""
+    """PRO-B's stationary point: sigma(r_y - r_h) = 1/2 + (z - 1/2)/lam (docs/methods.md), zero hyper mode."""
     lam, beta = 1.6, 1.0
     for z, target in [(1, 0.5 + 0.5 / lam), (0, 0.5 - 0.5 / lam)]:
         x = torch.tensor([math.log(target / (1 - target))], dtype=F64)  # r = logit(target) with ref 0
@@ -632,7 +632,7 @@ def test_auxdpo_vs_reference(with_null, dtype):
     def ref(cw, cl, rw, rl, dw, dl, pen):
         dpo = _mean([-_logsig(beta * ((cw[i] - rw[i]) - (cl[i] - rl[i]) + dw[i] - dl[i])) for i in range(B)])
         amp = _mean([dw[i] ** 2 for i in range(B)]) + _mean([dl[i] ** 2 for i in range(B)])
-        return dpo + (lnull * pen if with_null else 0.0) - lamp / 2 * amp  # anti-collapse (METHODS.md section 5)
+        return dpo + (lnull * pen if with_null else 0.0) - lamp / 2 * amp  # anti-collapse (docs/methods.md section 5)
 
     def impl(cw, cl, rw, rl, dw, dl, pen):
         return FL.auxdpo_loss(cw, cl, rw, rl, dw, dl, beta=beta, null_penalty=pen if with_null else None,
@@ -878,7 +878,7 @@ def test_drdo_oracle_default_a_is_the_seeds():
 
 
 def test_auxdpo_amplitude_term_is_anti_collapse_and_a_batch_mean():
-    """METHODS.md section 5: -lambda_amp/2 (mean delta_w^2 + mean delta_l^2): its gradient pushes delta away from 0,
+    """docs/methods.md section 5: -lambda_amp/2 (mean delta_w^2 + mean delta_l^2): its gradient pushes delta away from 0,
     and duplicating the batch changes nothing (a mean, not a sum over rows)."""
     g = torch.Generator().manual_seed(44)
     B = 5

@@ -1,6 +1,6 @@
 """``AuxDPOTrainer`` (the authors' delta layout and optimizer group, both null-space penalties) and DRDO's oracle
 stage (``DRDOOracleTrainer`` + ``fastpref.oracle.annotate_oracle_rewards``), against float64 computations from the
-unpatched models' logits; the defaults METHODS.md fixes for PRO-S and DRO in ``ScalarFeedbackTrainer``."""
+unpatched models' logits; the defaults docs/methods.md fixes for PRO-S and DRO in ``ScalarFeedbackTrainer``."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A backend supplies the tiles (:class:`TileOps`: Triton kernels, or the same math in PyTorch); the loops, the
 GEMMs (:func:`._gemm.accumulate_mm`, fp32 accumulation) and every scaling live here once.
 
-**Backward** (gradients of ``sum_t g_t lp_t``; METHODS.md section 0), rows outer, vocabulary inner::
+**Backward** (gradients of ``sum_t g_t lp_t``; docs/methods.md section 0), rows outer, vocabulary inner::
 
     for each row chunk c (Mc rows, gathered by index):
         Hg_c = (g_t s / gmax) h_t                                     [Mc, D]  operand dtype (dW only)

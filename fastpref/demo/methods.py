@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from fastpref.losses import functional as F
+from fastpref.losses.auxdpo import DEFAULT_DELTA_LR, bounded_delta
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "MethodSpec", "Batch"]
 
@@ -123,7 +124,7 @@ def _auxdpo(lp, hidden, b, ctx):
     n = b.num_pairs
     cw, cl = _pairs(lp.response, n)
     rw, rl = _pairs(b.ref_response, n)
-    delta = ctx.extras["delta"]  # [num_train_prompts, 2]: (chosen, rejected) offsets per example
+    delta = bounded_delta(ctx.extras["delta_raw"])  # [num_train_prompts, 2]: (chosen, rejected), cap * tanh
     idx = b.prompts[:n]
     dw, dl = delta[idx, 0], delta[idx, 1]
     ref_hidden, labels, segments = ctx.ref_hidden_fn(b)
@@ -142,13 +143,15 @@ def _drdo(lp, hidden, b, ctx):
     return F.drdo_loss(cw, cl, hw, hl, ow, ol, alpha=0.1, gamma=2.0)
 
 
-LR = 1e-3  # one learning rate for every method (AdamW, grad-norm clip 1)
+LR = 1e-3  # one learning rate for every method's policy (AdamW, grad-norm clip 1 on the policy)
+#: Method-owned parameters with their own learning rate (the authors' AuxDPO code trains delta at 5e-3).
+EXTRA_LEARNING_RATES = {"delta_raw": DEFAULT_DELTA_LR}
 
 _SPECS = [
     MethodSpec("dpo", "DPO (sigmoid)", "pairs", True, "implicit", LR, _dpo("sigmoid", 0.1), "beta 0.1"),
     MethodSpec("ipo", "IPO", "pairs", True, "implicit", LR, _dpo("ipo", 0.5), "beta (tau) 0.5"),
     MethodSpec("simpo", "SimPO", "pairs", False, "avg_logp", LR, _simpo, "beta 2, gamma 0.5"),
-    MethodSpec("pro", "PRO-P (pairwise)", "pairs", True, "implicit", LR, _pro_pairwise, "beta 0.1, eta 0.1"),
+    MethodSpec("pro", "PRO-P (pairwise)", "pairs", True, "implicit", LR, _pro_pairwise, "beta 0.1, eta 1/3"),
     MethodSpec("pro-binary", "PRO-B (binary labels)", "groups", True, "implicit", LR, _pro_binary,
                "beta 0.1, lam 2; label = R > 0"),
     MethodSpec("pro-scalar", "PRO-S (scalar rewards)", "groups", True, "implicit", LR, _pro_scalar,
@@ -156,7 +159,7 @@ _SPECS = [
     MethodSpec("dro", "DRO (scalar rewards)", "groups", True, "implicit", LR, _dro, f"beta {DRO_BETA:g}, log_z0 {DRO_LOG_Z0:g}"),
     MethodSpec("typo", "TYPO (+ reference samples)", "pairs+unsup", False, "logp", LR, _typo, "lam 0.05"),
     MethodSpec("auxdpo", "AuxDPO (head null-space penalty)", "pairs", True, "implicit", LR, _auxdpo,
-               "beta 0.1, lambda_null 1, lambda_amp 0.01"),
+               "beta 0.1, lambda_null 1, lambda_amp 0.01; delta lr 5e-3"),
     MethodSpec("drdo", "DRDO (oracle = true reward)", "pairs", False, "logp", LR, _drdo, "alpha 0.1, gamma 2"),
 ]
 

@@ -21,7 +21,9 @@ from torch import nn
 
 from .data import REF_SAMPLE, DemoData, Split
 from ._layout import K
-from .methods import METHODS, Batch, Context, MethodSpec
+from fastpref.losses.auxdpo import DEFAULT_INIT_STD
+
+from .methods import EXTRA_LEARNING_RATES, METHODS, Batch, Context, MethodSpec
 
 __all__ = ["DEFAULT_SFT_STEPS", "DEFAULT_STEPS", "DemoConfig", "MethodResult", "build_model", "check_config", "run",
            "TIE_TOLERANCE"]
@@ -320,9 +322,13 @@ def _run(data: DemoData, cfg: DemoConfig, device: torch.device) -> tuple[list[Me
         patch(policy, backend=cfg.backend)
         policy.train()
         ctx = _context(spec, data, reference, policy, cfg)
-        params = list(policy.parameters()) + [p for v in ctx.extras.values() for p in
-                                              (v.parameters() if isinstance(v, nn.Module) else [v])]
-        opt = torch.optim.AdamW(params, lr=cfg.lr if cfg.lr is not None else spec.lr, weight_decay=0.0)
+        params = list(policy.parameters())
+        lr = cfg.lr if cfg.lr is not None else spec.lr
+        groups = [{"params": params, "lr": lr}]
+        for key, v in ctx.extras.items():  # method-owned parameters: their own group (AuxDPO's offsets: 5e-3)
+            groups.append({"params": list(v.parameters()) if isinstance(v, nn.Module) else [v],
+                           "lr": EXTRA_LEARNING_RATES.get(key, lr)})
+        opt = torch.optim.AdamW(groups, weight_decay=0.0)
         sampler = _Sampler(data.train, spec, cfg.batch_pairs, method_seed,
                            ref_train_resp, ref_train_prompt)
         acc0, _ = _evaluate(policy, spec, data.test, ref_test)
@@ -340,7 +346,7 @@ def _run(data: DemoData, cfg: DemoConfig, device: torch.device) -> tuple[list[Me
             loss, _ = spec.loss(out.logps, out.last_hidden, batch, ctx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # the policy; method-owned parameters are not clipped
             opt.step()
             losses.append(loss.detach())
             if device.type == "cuda":
@@ -377,7 +383,8 @@ def _resolved_backend(backend: str, device: torch.device) -> str:
 def _context(spec: MethodSpec, data: DemoData, reference, policy, cfg: DemoConfig) -> Context:
     device = data.train.ids.device
     if spec.name == "auxdpo":
-        delta = nn.Parameter(torch.zeros(data.train.num_prompts, 2, device=device))
+        g = torch.Generator(device="cpu").manual_seed(cfg.seed)  # the authors' init: delta_raw ~ N(0, 1e-3)
+        delta_raw = nn.Parameter((torch.randn(data.train.num_prompts, 2, generator=g) * DEFAULT_INIT_STD).to(device))
         backbone = reference.get_decoder() if hasattr(reference, "get_decoder") else reference.model
 
         @torch.no_grad()
@@ -391,7 +398,7 @@ def _context(spec: MethodSpec, data: DemoData, reference, policy, cfg: DemoConfi
             return hidden.float(), labels, rows
 
         weight = reference.get_output_embeddings().weight.detach().float()
-        return Context({"delta": delta}, ref_hidden, weight)
+        return Context({"delta_raw": delta_raw}, ref_hidden, weight)
     if spec.name == "drdo":
         head = nn.Linear(cfg.hidden_size, 1).to(device)
         return Context({"reward_head": head})

@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..distributed.wrappers import unwrap_parallel
+
 __all__ = ["HeadTransform", "find_backbone", "find_causal_lm", "head_transform", "resolve_head", "verify_head"]
 
 
@@ -139,10 +141,12 @@ def head_transform(model: nn.Module) -> HeadTransform:
 
 
 def find_causal_lm(model: nn.Module) -> nn.Module:
-    """The causal LM to patch: ``model`` itself, or the model a PEFT ``PeftModel`` wraps."""
+    """The causal LM to patch: ``model`` itself, or the model a PEFT ``PeftModel`` wraps (inside a DDP, FSDP1 or
+    DeepSpeed wrapper: the model it wraps)."""
     if not isinstance(model, nn.Module):
         raise TypeError("`model` must be a torch.nn.Module (a *ForCausalLM or a PEFT PeftModel), "
                         f"got {type(model).__name__}")
+    model = unwrap_parallel(model)  # DDP, FSDP1, a DeepSpeed engine: the model they wrap
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base) and hasattr(model, "peft_config"):
         inner = get_base()
@@ -185,12 +189,14 @@ def resolve_head(module: Optional[nn.Module]) -> nn.Module:
     if module is None:
         raise ValueError("the model has no output embeddings (`model.get_output_embeddings()` is None); "
                          "fastpref needs a language-model head")
+    module = unwrap_parallel(module)  # an FSDP1 unit around the head
     if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):  # peft ModulesToSaveWrapper
         active = list(getattr(module, "active_adapters", []) or [])
         if getattr(module, "disable_adapters", False) or not active or active[0] not in module.modules_to_save:
             module = module.original_module
         else:
             module = module.modules_to_save[active[0]]
+        module = unwrap_parallel(module)
     if hasattr(module, "base_layer") and callable(getattr(module, "get_base_layer", None)):  # peft tuner layer
         if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
             module = module.get_base_layer()

@@ -52,6 +52,7 @@ except ImportError as exc:  # pragma: no cover - transformers is an optional dep
 
 from .._rows import last_row_where, row_sequences
 from .._validation import raise_failed_checks
+from ..distributed.wrappers import plain_head_within, run_in_head_unit
 from ..logprobs import BACKENDS, REDUCTIONS, SequenceLogProbs, sequence_logprobs
 from ._hf_utils import (
     HeadTransform,
@@ -162,9 +163,13 @@ def patch(model: M, *, backend: str = "auto", reduction: str = "sum", validate: 
     if verify:
         # Against the architecture's own forward with autocast off: the instance's forward may be wrapped
         # (accelerate's mixed-precision wrapper, as TRL's reference model is), which would compare bf16 logits.
-        device_type = get_output_embeddings().weight.device.type
-        with torch.autocast(device_type, enabled=False):
-            verify_head(lm, backbone, type(lm).forward.__get__(lm, type(lm)), transform)
+        # A sharded or wrapped head (patched after FSDP / ZeRO-3 / tensor parallelism) is checked on a plain
+        # stand-in holding the gathered whole head: the same collectives and the same check on every rank.
+        module = get_output_embeddings()
+        head = resolve_head(module)
+        with plain_head_within(lm, module, head, root=model) as plain:
+            with torch.autocast(plain.weight.device.type, enabled=False):
+                verify_head(lm, backbone, type(lm).forward.__get__(lm, type(lm)), transform)
 
     setattr(lm, _STATE, _PatchState(backend, reduction, validate, transform, previous))
     _install_forward(lm, inspect.signature(lm.forward))  # bound: no `self`
@@ -353,27 +358,15 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
     if hidden is None:
         hidden = outputs[0]
 
-    head = resolve_head(self.get_output_embeddings())
-    weight, bias = head_parameters(head, state.transform)
-    hidden = hidden.to(weight.device)
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:  # the head would run in the autocast dtype; so does the fused head
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = weight.dtype
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    labels, segments = labels.to(hidden.device), segments.to(hidden.device)
+    module = self.get_output_embeddings()
+    head = resolve_head(module)
     if packed_cu is not None:
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        labels, segments, packed_cu = labels.reshape(-1), segments.reshape(-1), packed_cu.to(hidden.device)
-
-    with torch.autocast(device_type, enabled=False) if autocast else _nullcontext():
-        logps = sequence_logprobs(
-            hidden, weight, labels, segments, bias=bias, reduction=state.reduction,
-            logit_scale=state.transform.logit_scale, softcap=state.transform.softcap, cu_seqlens=packed_cu,
-            backend=state.backend, return_token_logps=return_token_logps, validate=state.validate)
+        labels, segments = labels.reshape(-1), segments.reshape(-1)
+    # Decided at each call from the head module and its weight: read directly, or inside its FSDP unit /
+    # ZeRO-3 module when it is sharded there (fastpref.distributed.wrappers). The tensors travel as arguments.
+    fused = functools.partial(_head_logps, head, state, return_token_logps)
+    logps = run_in_head_unit(module, head, fused, hidden, labels, segments, packed_cu)
     if return_token_logps:
         rows = logps.token_logps.reshape(input_ids.shape)  # row t holds log p(x_{t+1})
         aligned = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
@@ -388,6 +381,30 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
         attentions=getattr(outputs, "attentions", None),
         router_logits=getattr(outputs, "router_logits", None),
     )
+
+
+def _head_logps(head: nn.Module, state: _PatchState, return_token_logps: bool, hidden: torch.Tensor,
+                labels: torch.Tensor, segments: torch.Tensor, packed_cu: Optional[torch.Tensor]) -> SequenceLogProbs:
+    """The fused head on the backbone's hidden states; reads ``head``'s parameters when it runs."""
+    weight, bias = head_parameters(head, state.transform)
+    hidden = hidden.to(weight.device)
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # the head would run in the autocast dtype; so does the fused head
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = weight.dtype
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    labels, segments = labels.to(hidden.device), segments.to(hidden.device)
+    if packed_cu is not None:
+        packed_cu = packed_cu.to(hidden.device)
+
+    with torch.autocast(device_type, enabled=False) if autocast else _nullcontext():
+        return sequence_logprobs(
+            hidden, weight, labels, segments, bias=bias, reduction=state.reduction,
+            logit_scale=state.transform.logit_scale, softcap=state.transform.softcap, cu_seqlens=packed_cu,
+            backend=state.backend, return_token_logps=return_token_logps, validate=state.validate)
 
 
 class _nullcontext:

@@ -82,7 +82,10 @@ each joins the optimizer as its own parameter group (no weight decay; the reward
 rate, AuxDPO's offsets at ``delta_learning_rate`` = 5e-3: at the policy's ~5e-7 they would never move and AuxDPO
 would be DPO; ``max_grad_norm`` clipping covers the model's parameters only, as Trainer clips), and
 :meth:`save_model` writes their state dict to ``fastpref_modules.pt`` next to the model (resuming from a checkpoint
-does not reload them). They need a single process and the Trainer-built optimizer.
+does not reload them). They need the Trainer-built optimizer. With several processes they are replicated on every
+rank and their gradients averaged over the ranks before each step (DDP's rule); under DeepSpeed or FSDP (which own
+the model's optimizer) the same groups get their own optimizer of the Trainer's class, settings and schedule
+(:mod:`fastpref.distributed.replicated`).
 
 AuxDPO's null-space penalty: ``"head"`` restricts ``A`` to the reference LM head (exact, one more fused pass; a
 weaker constraint than the authors', whose ``A`` spans every trainable parameter); ``"params"`` is the authors'
@@ -104,8 +107,15 @@ distribution the fused head never builds: ``entropy``, ``logits/chosen``, ``logi
 
 Unsupported, raising at construction (never a silent difference): ``use_weighting=True`` (WPO needs
 ``log sum_v p^2`` per token), ``rpo_alpha`` / ``use_liger_loss`` / ``reference_free`` of other TRL releases,
-vision datasets, padding-free batches, FSDP and DeepSpeed ZeRO-3 (the head weight must be whole), and for
-``drdo``/``auxdpo`` more than one process, DeepSpeed, or a user-built optimizer lacking their parameters.
+vision datasets, padding-free batches, and for ``drdo``/``auxdpo`` a user-built optimizer lacking their
+parameters.
+
+Several processes (tested under accelerate with DDP, FSDP2 and DeepSpeed ZeRO-3; the patch itself also under
+FSDP1): the patched forward reads the head where it is whole and runs the fused head inside the head's own FSDP
+unit / ZeRO-3 module when it is sharded there; the reference model, which TRL wraps in its constructor, is patched
+after wrapping and its head checked on a gathered copy on every rank; AuxDPO's head penalty reads the reference
+head gathered without gradient (:mod:`fastpref.distributed.wrappers`). ``null_penalty="params"`` is refused under
+FSDP / DeepSpeed (it differentiates the sharded reference parameters).
 
 TRL hooks overridden (TRL 1.16): ``compute_loss`` (Trainer's public hook; TRL's private ``_compute_loss`` is
 not called), ``compute_ref_log_probs(model, inputs)`` (called by TRL's precompute pass), the Trainer hooks
@@ -133,6 +143,8 @@ except ImportError as exc:  # pragma: no cover - trl is an optional dependency
     raise ImportError(f"fastpref.integrations.trl needs TRL: {install_hint('trl')}") from exc
 
 from .._method_names import where
+from ..distributed.replicated import ReplicatedParameters
+from ..distributed.wrappers import probe_head, whole_parameters, whole_shape
 from ..logprobs import BACKENDS
 from ..losses.auxdpo import (
     DEFAULT_CAP,
@@ -245,9 +257,6 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
         if getattr(self, "_is_vision_dataset", False):
             raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported")
-        if self.is_deepspeed_enabled and _zero_stage(self) == 3:
-            raise NotImplementedError("FastPrefDPOTrainer: DeepSpeed ZeRO-3 is not supported: the fused head reads "
-                                      "the whole LM-head weight")
 
         self._fastpref_patch_all()
         self._fastpref_guard = NonFiniteStepGuard(self)
@@ -256,8 +265,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         self._fastpref_columns: dict[str, torch.dtype] = {}
         if method == "drdo":
             head = self.fastpref_method_kwargs["reward_head"]
-            if head is None:
-                hidden_size = self._fastpref_head().weight.shape[1]
+            if head is None:  # sized from the head module (its weight may be a ZeRO-3 placeholder or a shard)
+                hidden_size = whole_shape(self._fastpref_head())[1]
                 head = nn.Linear(hidden_size, 1)
             self.fastpref_modules["reward_head"] = head.to(self.args.device)
             self._fastpref_columns.update({name: torch.float32 for name in ORACLE_COLUMNS})
@@ -267,6 +276,10 @@ class FastPrefDPOTrainer(DPOTrainer):
                 raise _error("method='auxdpo' with null_penalty='params' differentiates the reference model's "
                              "parameters, so it needs a separate `ref_model` (a PEFT policy's adapter-disabled base "
                              "has none to differentiate); pass ref_model=..., or use null_penalty='head'")
+            if settings["null_penalty"] == "params" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+                raise NotImplementedError("FastPrefDPOTrainer: method='auxdpo' with null_penalty='params' "
+                                          "differentiates the reference model's parameters, which FSDP / DeepSpeed "
+                                          "shard; use null_penalty='head' (the reference head, gathered)")
             offsets = nn.Module()
             offsets.delta_raw = nn.Parameter(torch.randn(2 * self._fastpref_num_examples) * settings["init_std"])
             self.fastpref_modules["auxdpo"] = offsets.to(self.args.device)
@@ -274,6 +287,14 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self._fastpref_columns:
             optional = {INDEX_COLUMN}  # evaluation batches of auxdpo use delta = 0 and need no index
             self.data_collator = ExtraColumnsCollator(self.data_collator, self._fastpref_columns, optional)
+        # The extra parameters are replicated on every rank: gradients averaged over the ranks before each step and
+        # cleared after it (the Trainer clears only the model's); under DeepSpeed / FSDP, which own the model's
+        # optimizer, their groups get an optimizer of their own (fastpref.distributed.replicated)
+        self._fastpref_replicated = ReplicatedParameters(
+            list(self.fastpref_modules.parameters()), self._fastpref_param_groups,
+            own_optimizer=bool(self.is_deepspeed_enabled or self.is_fsdp_enabled))
+        if len(self.fastpref_modules):
+            self.add_callback(self._fastpref_replicated)
 
     # ------------------------------------------------------------------------------------------ properties
 
@@ -378,7 +399,9 @@ class FastPrefDPOTrainer(DPOTrainer):
         lm = find_causal_lm(self.accelerator.unwrap_model(model))
         state = lm.__dict__.get(_STATE)
         if state is None or state.backend != self.fastpref_backend or state.reduction != "sum":
-            patch(lm, backend=self.fastpref_backend)  # verifies against the class's forward, autocast off
+            # the wrapped model itself (DDP / FSDP / a DeepSpeed engine): a sharded head is checked by gathering it
+            # through its wrapper, the same way on every rank
+            patch(model, backend=self.fastpref_backend)  # verifies against the class's forward, autocast off
 
     def _fastpref_patch_all(self) -> None:
         self._fastpref_patch(self.model)
@@ -397,16 +420,23 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
-        if self.optimizer is not None:
+        if self.optimizer is not None and not self._fastpref_replicated.own_optimizer:
             held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-            for name, module in self.fastpref_modules.items():
-                new = [p for p in module.parameters() if p.requires_grad and id(p) not in held]
-                if new:
-                    group = {"params": new, "weight_decay": 0.0}
-                    if name == "auxdpo":  # the authors' learning rate for delta, not the policy's
-                        group["lr"] = self.fastpref_method_kwargs["delta_learning_rate"]
-                    self.optimizer.add_param_group(group)
+            for group in self._fastpref_param_groups(held):
+                self.optimizer.add_param_group(group)
         return optimizer if optimizer is not None else self.optimizer
+
+    def _fastpref_param_groups(self, held=frozenset()) -> list[dict]:
+        """One optimizer group per trainer-owned module (no weight decay; AuxDPO's offsets at their own rate)."""
+        groups = []
+        for name, module in self.fastpref_modules.items():
+            new = [p for p in module.parameters() if p.requires_grad and id(p) not in held]
+            if new:
+                group = {"params": new, "weight_decay": 0.0}
+                if name == "auxdpo":  # the authors' learning rate for delta, not the policy's
+                    group["lr"] = self.fastpref_method_kwargs["delta_learning_rate"]
+                groups.append(group)
+        return groups
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
@@ -447,9 +477,7 @@ class FastPrefDPOTrainer(DPOTrainer):
                 with capture_backbone_hidden(unwrapped) as store:
                     out = model(**kwargs)
                 lm = find_causal_lm(unwrapped)
-                head = resolve_head(lm.get_output_embeddings())
-                weight, bias = head_parameters(head, lm.__dict__[_STATE].transform)
-                return self._sequence_logps(out.logps), store[-1], (weight, bias, lm.__dict__[_STATE].transform)
+                return self._sequence_logps(out.logps), store[-1], (lm, model)
             out = model(**kwargs)
         return self._sequence_logps(out.logps), None, None
 
@@ -598,21 +626,29 @@ class FastPrefDPOTrainer(DPOTrainer):
             penalty = self._param_null_penalty(inputs, torch.cat([delta_chosen, delta_rejected]))
             penalty = penalty.to(chosen.device).reshape(())
         elif ref_hidden is not None:
-            weight, bias, transform = ref_head
-            input_ids = inputs["input_ids"]
-            labels, segments, _, _, _ = _targets(input_ids, inputs.get("attention_mask"), None,
-                                                 inputs["completion_mask"], None, None, {}, False)
-            hidden = ref_hidden.detach().to(device=weight.device, dtype=weight.dtype)  # the head's dtype
-            penalty = head_null_penalty(
-                hidden, weight.detach(), labels.to(weight.device),
-                torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
-                bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
-                softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
+            lm, wrapped = ref_head
+            module = lm.get_output_embeddings()
+            head, transform = resolve_head(module), lm.__dict__[_STATE].transform
+            # read outside the reference forward, without gradient: gathered when sharded (every rank)
+            with whole_parameters(module, head, root=wrapped) as whole:
+                weight, bias = head_parameters(probe_head(head, whole), transform)
+                penalty = self._auxdpo_penalty(inputs, ref_hidden, weight, bias, transform, delta_chosen,
+                                               delta_rejected, chosen)
         return auxdpo_loss(chosen, rejected, ref_chosen, ref_rejected, delta_chosen.to(chosen.device),
                            delta_rejected.to(chosen.device), beta=self.args.beta, null_penalty=penalty,
                            lambda_null=settings["lambda_null"], lambda_amp=settings["lambda_amp"],
                            backend=self.fastpref_backend)
 
+    def _auxdpo_penalty(self, inputs, ref_hidden, weight, bias, transform, delta_chosen, delta_rejected, chosen):
+        """AuxDPO's exact LM-head null-space penalty from the reference hidden states and the whole head."""
+        labels, segments, _, _, _ = _targets(inputs["input_ids"], inputs.get("attention_mask"), None,
+                                             inputs["completion_mask"], None, None, {}, False)
+        hidden = ref_hidden.detach().to(device=weight.device, dtype=weight.dtype)  # the head's dtype
+        return head_null_penalty(
+            hidden, weight.detach(), labels.to(weight.device),
+            torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
+            bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
+            softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
 
     def _param_null_penalty(self, inputs, delta: torch.Tensor) -> torch.Tensor:
         """AuxDPO's ``||A delta||^2`` over the reference copies of every parameter the policy trains (the authors'
@@ -714,13 +750,6 @@ def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
                                   "reference-free method (simpo, typo, drdo)")
     if getattr(config, "padding_free", False):
         raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
-    if getattr(config, "fsdp", None):
-        raise NotImplementedError("FastPrefDPOTrainer: FSDP is not supported: the fused head reads the whole "
-                                  "LM-head weight")
-    ds = getattr(config, "hf_deepspeed_config", None)
-    if ds is not None and callable(getattr(ds, "is_zero3", None)) and ds.is_zero3():
-        raise NotImplementedError("FastPrefDPOTrainer: DeepSpeed ZeRO-3 is not supported: the fused head reads the "
-                                  "whole LM-head weight")
     if method != "dpo":
         for name, default in _DEFAULT_DPO_FIELDS.items():
             value = getattr(config, name, default)
@@ -793,10 +822,7 @@ def _dummy_loss(config: DPOConfig, method: str, settings: dict) -> None:
 
 
 def _check_owned_modules(config: DPOConfig, method: str, settings: dict, optimizers) -> None:
-    """drdo / auxdpo train a module the trainer owns (outside the model): one process, the Trainer's optimizer."""
-    if config.world_size > 1 or getattr(config, "deepspeed", None):
-        raise NotImplementedError(f"FastPrefDPOTrainer: method={method!r} trains a trainer-owned module (outside the "
-                                  "model, so neither DDP nor DeepSpeed sees it): one process without DeepSpeed only")
+    """drdo / auxdpo train a module the trainer owns (outside the model): the Trainer's optimizer must hold it."""
     optimizer = (optimizers or (None, None))[0]
     if optimizer is None:
         return
@@ -809,11 +835,6 @@ def _check_owned_modules(config: DPOConfig, method: str, settings: dict, optimiz
     raise _error(f"method={method!r} trains `trainer.fastpref_modules` ({owned}), "
                  "which the optimizer passed in `optimizers` does not hold; let the Trainer build the optimizer (for "
                  "drdo you may also pass `method_kwargs['reward_head']` and include its parameters)")
-
-
-def _zero_stage(trainer) -> Optional[int]:
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
-    return getattr(plugin, "zero_stage", None)
 
 
 def _router_aux_loss(model: nn.Module, outputs, attention_mask) -> torch.Tensor:

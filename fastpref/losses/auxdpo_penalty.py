@@ -1,5 +1,5 @@
 r"""AuxDPO's null-space penalty ``||A_B delta_B||^2`` (seed ``003``: Gopalan, Ray Chowdhury & Banerjee, 2025;
-METHODS.md section 5), differentiable in the per-sequence offsets ``delta``::
+docs/methods.md section 5), differentiable in the per-sequence offsets ``delta``::
 
     A_B delta_B = sum_{j in B} delta_j * grad_theta0 log pi_ref(y_j)      (reference-model gradients)
 
@@ -29,13 +29,13 @@ Per response row ``t`` of sequence ``seq(t)``, with ``u = s (W h_t + b)``, ``z_t
     q_t = G h_t + g_b,
     r_t . q_t = s * ( kappa_{t,y_t} q_{t,y_t} - sum_v p_tv kappa_tv q_tv )
 
-(without softcap and bias: ``2 sum_{t in j} s (G[y_t] . h_t - p_t . (G h_t))``, METHODS.md's form). Pass 2
+(without softcap and bias: ``2 sum_{t in j} s (G[y_t] . h_t - p_t . (G h_t))``, docs/methods.md's form). Pass 2
 (``kernels/head_null_penalty.py``, or :func:`head_null_row_terms_torch`) rebuilds the logits and ``G h_t`` tile
 by tile; the log-sum-exps come from the forward pass, so no online max is needed. The bias is a head parameter,
 so its part ``||g_b||^2`` is included whenever ``bias`` is given. The sum over a sequence is the sum
-reduction (``log pi_ref(y_j)`` = summed token log-probs), as in METHODS.md.
+reduction (``log pi_ref(y_j)`` = summed token log-probs), as in docs/methods.md.
 
-Cost (units of one ``N x D x V`` matmul, METHODS.md/DESIGN.md): forward 1 + pass 1 (logits, ``dW``) 2 +
+Cost (units of one ``N x D x V`` matmul, docs/methods.md/DESIGN.md): forward 1 + pass 1 (logits, ``dW``) 2 +
 pass 2 (logits, ``G h``) 2 = 5, and ``G`` (``V x D`` fp32) lives only inside the call: the ``[S]`` gradient is
 computed eagerly in the forward when ``delta`` requires grad, and only that is saved.
 """
@@ -48,7 +48,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._validation import require_finite_number
+from .._validation import require_finite_number, require_softcap
 from ..backends import torch_chunked
 from ..backends._chunked import spans
 from ..backends.torch_chunked import ROW_CHUNK, VOCAB_CHUNK, compute_dtype, logits
@@ -212,12 +212,11 @@ def head_null_penalty(
     _check_delta(fn, delta, values=False)  # type, dtype, dims; length, device and values once S is known
     with _argument_names(fn):
         logit_scale = require_finite_number("logit_scale", logit_scale, positive=True)
-        if softcap is not None:
-            softcap = require_finite_number("softcap", softcap, positive=True)
+        softcap = require_softcap(softcap)
         detach = lambda x: None if x is None else x.detach()  # noqa: E731
         hidden, weight, bias = detach(ref_hidden), detach(ref_weight), detach(bias)
         hidden2d, flat_labels, segments, sequence, S = _layout(
-            hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, True)
+            hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, True, logit_scale=logit_scale)
         impl = _resolve_backend(backend, hidden)
     _check_delta(fn, delta, S, hidden.device)
     if weight.stride(-1) != 1:
