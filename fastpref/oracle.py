@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .collators import PreferenceCollator
+from .trainers.collators import PreferenceCollator
 from .integrations.transformers import is_patched, patch
 
 __all__ = ["ORACLE_COLUMNS", "annotate_oracle_rewards", "oracle_rewards"]
