@@ -556,7 +556,7 @@ def test_pro_with_lora(tokenizer, tmp_path):
     ({"loss_type": ["bogus"]}, {}, ValueError, "loss_type"),
     ({"loss_type": ["robust"], "label_smoothing": 0.6}, {}, ValueError, "robust"),
     ({"loss_type": ["exo_pair"]}, {}, ValueError, "exo_pair"),
-    ({"use_weighting": True}, {}, NotImplementedError, "use_weighting"),
+    ({"use_weighting": True, "loss_type": ["aot"], "label_smoothing": 0.1}, {}, NotImplementedError, "aot"),
     ({}, {"method": "drdo"}, ValueError, "oracle_chosen"),
     ({"precompute_ref_log_probs": True}, {"method": "auxdpo"}, ValueError, "null_penalty"),
     ({}, {"method": "auxdpo", "method_kwargs": {"null_penalty": "all"}}, ValueError, "null_penalty"),

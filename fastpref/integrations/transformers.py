@@ -71,7 +71,7 @@ M = TypeVar("M", bound=nn.Module)
 _STATE = "_fastpref_patch"
 PROMPT, RESPONSE = 1, 2
 # Keyword arguments the patched forward adds; without logps_only=True they are an error.
-_OWN_KWARGS = ("completion_mask", "segment_ids", "cu_seqlens", "return_token_logps")
+_OWN_KWARGS = ("completion_mask", "segment_ids", "cu_seqlens", "return_token_logps", "return_stats")
 # Arguments of a causal LM's forward that belong to the head/loss and are not passed to the backbone.
 _HEAD_ONLY = ("labels", "logits_to_keep", "num_logits_to_keep", "return_dict", "num_items_in_batch")
 
@@ -83,7 +83,9 @@ class LogProbsOutput(ModelOutput):
     Attributes:
         logps: :class:`fastpref.SequenceLogProbs`, one entry per sequence (``B`` rows of a padded batch, or
             the ``S`` packed sequences). Its ``token_logps`` (only with ``return_token_logps=True``) is aligned
-            with ``input_ids``: position ``t`` holds ``log p(x_t | x_<t)``, 0 where ``t`` is not scored.
+            with ``input_ids``: position ``t`` holds ``log p(x_t | x_<t)``, 0 where ``t`` is not scored. Its
+            ``stats`` (only with ``return_stats=True``): :class:`fastpref.logprobs.SequenceStats`, per segment and
+            per token (the distribution that predicts ``x_t`` at position ``t``, like ``token_logps``).
         last_hidden: ``[S, D]`` backbone hidden state (before the head) **of** the sequence's last response
             token: position ``t_last``, the last token with segment 2 (``completion_mask == 1``), whose input is
             that token, as a reward model reads it (DRDO's student and oracle reward heads; the row ``t_last - 1``
@@ -214,7 +216,7 @@ def _install_forward(lm: nn.Module, original: inspect.Signature) -> None:
     kw = inspect.Parameter.KEYWORD_ONLY
     extra = [("logps_only", bool, False), ("completion_mask", Optional[torch.Tensor], None),
              ("segment_ids", Optional[torch.Tensor], None), ("cu_seqlens", Optional[torch.Tensor], None),
-             ("return_token_logps", bool, False)]
+             ("return_token_logps", bool, False), ("return_stats", bool, False)]
     params += [inspect.Parameter(n, kw, default=d, annotation=a) for n, a, d in extra if n not in names]
     params += [p for p in original.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
     params.sort(key=lambda p: p.kind)  # keyword-only after *args, before **kwargs
@@ -288,7 +290,8 @@ def _patched_forward(self, *args, **kwargs):
 
     With ``logps_only=True``: ``completion_mask`` (token ``t`` is response when 1) or ``segment_ids``
     (0 = not scored, 1 = prompt, 2 = response), both aligned with ``input_ids``; optional ``cu_seqlens`` for
-    packed inputs and ``return_token_logps``. Returns :class:`fastpref.integrations.transformers.LogProbsOutput`.
+    packed inputs, ``return_token_logps`` and ``return_stats`` (:func:`fastpref.sequence_logprobs`'s per-token
+    statistics). Returns :class:`fastpref.integrations.transformers.LogProbsOutput`.
     """
     logps_only = kwargs.pop("logps_only", False)
     if not isinstance(logps_only, bool):
@@ -309,8 +312,10 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
     segment_ids = kwargs.pop("segment_ids", None)
     cu_seqlens = kwargs.pop("cu_seqlens", None)
     return_token_logps = kwargs.pop("return_token_logps", False)
-    if not isinstance(return_token_logps, bool):
-        raise TypeError(f"`return_token_logps` must be a bool, got {type(return_token_logps).__name__}")
+    return_stats = kwargs.pop("return_stats", False)
+    for name, flag in (("return_token_logps", return_token_logps), ("return_stats", return_stats)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"`{name}` must be a bool, got {type(flag).__name__}")
 
     # Name the positional arguments with the original forward's signature, then split off what is ours.
     signature = inspect.signature(_original_forward(self))
@@ -365,13 +370,13 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
         labels, segments = labels.reshape(-1), segments.reshape(-1)
     # Decided at each call from the head module and its weight: read directly, or inside its FSDP unit /
     # ZeRO-3 module when it is sharded there (fastpref.distributed.wrappers). The tensors travel as arguments.
-    fused = functools.partial(_head_logps, head, state, return_token_logps)
+    fused = functools.partial(_head_logps, head, state, return_token_logps, return_stats)
     logps = run_in_head_unit(module, head, fused, hidden, labels, segments, packed_cu)
     if return_token_logps:
-        rows = logps.token_logps.reshape(input_ids.shape)  # row t holds log p(x_{t+1})
-        aligned = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
-        aligned[..., 1:] = rows[..., :-1]
-        logps = logps._replace(token_logps=aligned)
+        logps = logps._replace(token_logps=_align(logps.token_logps, input_ids.shape))
+    if return_stats:
+        tokens = type(logps.stats.tokens)(*(_align(x, input_ids.shape) for x in logps.stats.tokens))
+        logps = logps._replace(stats=logps.stats._replace(tokens=tokens))
     last_hidden = _last_hidden(hidden, segments, packed_cu)
     return LogProbsOutput(
         logps=logps,
@@ -383,8 +388,17 @@ def _logps_forward(self: nn.Module, args: tuple, kwargs: dict) -> LogProbsOutput
     )
 
 
-def _head_logps(head: nn.Module, state: _PatchState, return_token_logps: bool, hidden: torch.Tensor,
-                labels: torch.Tensor, segments: torch.Tensor, packed_cu: Optional[torch.Tensor]) -> SequenceLogProbs:
+def _align(rows: torch.Tensor, shape) -> torch.Tensor:
+    """Per-row values (row ``t`` is about token ``t + 1``) moved to the token's own position, 0 at position 0."""
+    rows = rows.reshape(shape)
+    aligned = torch.zeros(rows.shape, dtype=rows.dtype, device=rows.device)
+    aligned[..., 1:] = rows[..., :-1]
+    return aligned
+
+
+def _head_logps(head: nn.Module, state: _PatchState, return_token_logps: bool, return_stats: bool,
+                hidden: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
+                packed_cu: Optional[torch.Tensor]) -> SequenceLogProbs:
     """The fused head on the backbone's hidden states; reads ``head``'s parameters when it runs."""
     weight, bias = head_parameters(head, state.transform)
     hidden = hidden.to(weight.device)
@@ -404,7 +418,8 @@ def _head_logps(head: nn.Module, state: _PatchState, return_token_logps: bool, h
         return sequence_logprobs(
             hidden, weight, labels, segments, bias=bias, reduction=state.reduction,
             logit_scale=state.transform.logit_scale, softcap=state.transform.softcap, cu_seqlens=packed_cu,
-            backend=state.backend, return_token_logps=return_token_logps, validate=state.validate)
+            backend=state.backend, return_token_logps=return_token_logps, return_stats=return_stats,
+            validate=state.validate)
 
 
 class _nullcontext:

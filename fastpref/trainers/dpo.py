@@ -186,7 +186,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # Batch keys that are not model inputs: TRL's, and the extra columns of drdo/auxdpo.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ORACLE_COLUMNS, INDEX_COLUMN}
 _DEFAULT_DPO_FIELDS = {"loss_type": ["sigmoid"], "loss_weights": None, "f_divergence_type": "reverse_kl",
-                       "ld_alpha": None}
+                       "ld_alpha": None, "use_weighting": False}
 
 
 def _error(message: str) -> ValueError:
@@ -509,6 +509,7 @@ class FastPrefDPOTrainer(DPOTrainer):
 
         self._fastpref_patch(model)
         kwargs = self._model_kwargs(inputs, ld=ld)
+        kwargs["return_stats"] = True  # entropy, mean logit, argmax == label, log sum p^2: TRL's metrics and WPO
         if aux:
             kwargs["output_router_logits"] = True
         with self.accelerator.autocast():  # as accelerate's wrapper of the prepared model's forward would
@@ -532,7 +533,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         settings = self.fastpref_method_kwargs
         backend = self.fastpref_backend
         if method == "dpo":
-            loss, metrics = self._dpo_loss(chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask)
+            loss, metrics = self._dpo_loss(chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask,
+                                           wpo_weights=self._wpo_weights(pol) if args.use_weighting else None)
         elif method == "pro":
             loss, metrics = pro_loss(torch.cat([chosen, rejected]), torch.cat([ref_chosen, ref_rejected]),
                                      feedback="pairwise", beta=args.beta, backend=backend, **settings)
@@ -563,6 +565,7 @@ class FastPrefDPOTrainer(DPOTrainer):
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        self._log_token_metrics(pol, mode)
         for key, value in metrics.items():
             value = value.detach().reshape(1).float()
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
@@ -574,7 +577,45 @@ class FastPrefDPOTrainer(DPOTrainer):
             return loss, outputs
         return loss
 
-    def _dpo_loss(self, chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask):
+    def _log_token_metrics(self, pol, mode: str) -> None:
+        """TRL's token-level metrics from the fused forward's statistics, as TRL 1.16's ``_compute_loss`` defines
+        them: ``entropy`` (mean over every completion token), ``logits/chosen`` / ``logits/rejected`` (mean over
+        the chosen / rejected completion tokens of the token's mean logit ``mean_v z_v``) and
+        ``mean_token_accuracy`` (fraction of the chosen completion tokens whose label is the argmax); token sums
+        and counts gathered over the processes before dividing, 0 where there is no token."""
+        stats = pol.stats
+
+        def completion(name):  # per sequence, over its completion tokens (both segments under LD-DPO)
+            return (getattr(stats.response, name) + getattr(stats.prompt, name)).detach().double()
+
+        entropy, mean_logit, correct = completion("entropy"), completion("mean_logit"), completion("argmax_is_label")
+        tokens = (pol.n_response + pol.n_prompt).detach().double()
+        half = tokens.shape[0] // 2
+        gather = self.accelerator.gather_for_metrics
+
+        def ratio(num, den):
+            num, den = gather(num.reshape(1)).sum().item(), gather(den.reshape(1)).sum().item()
+            return num / den if den > 0 else 0.0
+
+        self._metrics[mode]["entropy"].append(ratio(entropy.sum(), tokens.sum()))
+        self._metrics[mode]["logits/chosen"].append(ratio(mean_logit[:half].sum(), tokens[:half].sum()))
+        self._metrics[mode]["logits/rejected"].append(ratio(mean_logit[half:].sum(), tokens[half:].sum()))
+        self._metrics[mode]["mean_token_accuracy"].append(ratio(correct[:half].sum(), tokens[:half].sum()))
+
+    @staticmethod
+    def _wpo_weights(pol) -> torch.Tensor:
+        """WPO's per-pair weights (Zhou et al., 2024, eq. 2; TRL 1.16's ``use_weighting=True``), without gradient:
+        per sequence ``exp(mean over its completion tokens of (log p(y_t) - log sum_v p_v^2))``, chosen times
+        rejected. The token sums come from the fused forward (``log sum_v p_v^2`` is one of its statistics)."""
+        with torch.no_grad():
+            logps = (pol.response + pol.prompt).double()  # the tokens' own log-probs (no LD weighting, as TRL)
+            log_sum_p2 = (pol.stats.response.log_sum_p2 + pol.stats.prompt.log_sum_p2).double()
+            tokens = (pol.n_response + pol.n_prompt).double().clamp(min=1)
+            weights = torch.exp((logps - log_sum_p2) / tokens)
+            chosen, rejected = weights.chunk(2, dim=0)
+            return (chosen * rejected).float()
+
+    def _dpo_loss(self, chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask, *, wpo_weights=None):
         args = self.args
         # TRL: ipo / sigmoid_norm divide by completion_mask.sum(1); sft averages the scored (shifted) tokens'
         # raw log-probs (no LD weighting).
@@ -585,6 +626,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         weights = args.loss_weights or [1.0] * len(args.loss_type)
         common = dict(beta=args.beta, label_smoothing=args.label_smoothing, discopop_tau=args.discopop_tau,
                       f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+                      wpo_weights=None if wpo_weights is None else wpo_weights.to(chosen.device),
                       backend=self.fastpref_backend)
         loss = None
         for loss_type, weight in zip(args.loss_type, weights):
@@ -737,9 +779,6 @@ def _method_settings(method: str, method_kwargs: Optional[dict]) -> dict:
 
 def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
     """Raise for what the fused path cannot reproduce, and try the method's loss on a dummy batch."""
-    if getattr(config, "use_weighting", False):
-        raise NotImplementedError("FastPrefDPOTrainer: `use_weighting=True` (WPO) needs log(sum_v p^2) for every "
-                                  "token, which the fused head does not compute; use the stock DPOTrainer")
     if getattr(config, "rpo_alpha", None) is not None:
         raise NotImplementedError("FastPrefDPOTrainer: `rpo_alpha` (RPO's NLL term) is not supported; "
                                   "use loss_type=['sigmoid', 'sft'] with loss_weights instead")
