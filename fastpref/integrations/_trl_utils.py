@@ -40,14 +40,74 @@ def no_gradient_checkpointing(model: nn.Module, gradient_checkpointing_kwargs: O
             enable(gradient_checkpointing_kwargs)
 
 
-def ld_segment_ids(completion_mask: torch.Tensor) -> torch.Tensor:
+def packed_offsets(inputs: dict[str, Any], prefix: str = "") -> Optional[torch.Tensor]:
+    """``cu_seqlens [S + 1]`` of a padding-free batch (``{prefix}position_ids`` restarting at 0 for every packed
+    sequence, :class:`fastpref.trainers.collators.PackingCollator`), or None for a padded batch."""
+    position_ids = inputs.get(prefix + "position_ids")
+    if position_ids is None:
+        return None
+    pos = position_ids.reshape(-1)
+    starts = torch.nonzero(pos == 0).reshape(-1)
+    return torch.cat([starts, torch.tensor([pos.numel()], device=pos.device)])
+
+
+def unpack(x: torch.Tensor, cu: torch.Tensor, fill=0) -> torch.Tensor:
+    """Packed ``[1, N]`` values as padded ``[S, T_max]`` rows (right padding with ``fill``)."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    rows = torch.split(x.reshape(-1), lengths)
+    out = x.new_full((len(lengths), max(lengths)), fill)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
+    return out
+
+
+def repack(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`unpack`: the rows' first ``length`` values, concatenated to ``[1, N]``."""
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    return torch.cat([x[i, :n] for i, n in enumerate(lengths)])[None]
+
+
+def completion_counts(completion_mask: torch.Tensor, cu: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence: ``(completion tokens, completion tokens after the sequence's first position)`` (TRL's
+    ``completion_mask.sum(1)`` and ``completion_mask[:, 1:].sum(1)``), padded or packed."""
+    cm = completion_mask.long() if cu is None else unpack(completion_mask.long(), cu)
+    return cm.sum(dim=1), cm[:, 1:].sum(dim=1)
+
+
+def model_inputs_without_mask(inputs: dict[str, Any], keys) -> dict[str, Any]:
+    """``inputs`` restricted to ``keys`` for a model's own forward; a padding-free batch goes without its (all
+    ones) ``attention_mask``: transformers builds the block-diagonal mask from ``position_ids`` only when none is
+    given."""
+    out = {k: v for k, v in inputs.items() if k in keys}
+    if "position_ids" in out:
+        out.pop("attention_mask", None)
+    return out
+
+
+def response_logps_materialized(logits: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor,
+                                cu: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-sequence summed response log-probs from materialized ``logits [B, T, V]`` (double-differentiable, for
+    AuxDPO's parameter null-space penalty), with the rows, labels and segments of
+    :func:`fastpref.integrations.transformers._targets` (padded or packed)."""
+    token = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    token = token * (segments == RESPONSE)
+    if cu is None:
+        return token.sum(dim=-1)
+    sequence = torch.searchsorted(cu[1:].contiguous(), torch.arange(token.numel(), device=token.device), right=True)
+    return token.new_zeros(cu.numel() - 1).index_add(0, sequence, token.reshape(-1))
+
+
+def ld_segment_ids(completion_mask: torch.Tensor, cu: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Segment ids for TRL's LD-DPO (``ld_alpha``): the first ``min(n_chosen, n_rejected)`` completion tokens of
     each pair are segment 2 ("shared", the fused output's ``response``), the rest of the completion segment 1
-    ("tail", its ``prompt``), everything else 0. Rows: chosen first, then rejected (TRL's layout).
+    ("tail", its ``prompt``), everything else 0. Rows: chosen first, then rejected (TRL's layout); a packed
+    ``[1, N]`` mask with its ``cu`` offsets gives packed ids.
 
     Mirrors TRL 1.16 ``DPOTrainer._compute_loss``: counts run over ``completion_mask[:, 1:]`` (the scored
     positions), so a completion token at position 0 (empty prompt) is never scored.
     """
+    if cu is not None:
+        return repack(ld_segment_ids(unpack(completion_mask, cu)), cu)
     cm = completion_mask.clone().long()
     cm[:, 0] = 0
     position = cm.cumsum(dim=1)

@@ -42,6 +42,12 @@ model sees ``sum K`` sequences). Datasets stored one completion per row must be 
 row ``i`` pairs prompt ``i`` with the completion of row ``i - 1`` (cyclically), as TRL's ``KTOTrainer`` does within a
 batch. Because it is done at collate time, any sampler (shuffled or not) works.
 
+**Padding-free batches.** :class:`PackingCollator` wraps any of these collators (or TRL's) and packs each batch
+into one row: the rows' real tokens concatenated (``[1, N]``, no padding), ``position_ids`` restarting at 0 for
+every sequence, ``attention_mask`` all ones; a patched model called with them scores each sequence separately
+(transformers 5 builds the block-diagonal attention mask from the restarting positions, with SDPA and eager
+attention as with flash-attention) and the fused head takes the packed rows through its varlen path.
+
 Bad data raises ``ValueError`` naming the example and the column (missing columns, empty completions, labels
 outside {0, 1}, groups smaller than ``min_group_size``, mismatched lengths, non-finite rewards).
 """
@@ -58,11 +64,13 @@ import torch
 
 __all__ = [
     "BinaryFeedbackCollator",
+    "PackingCollator",
     "PairwiseRewardCollator",
     "PreferenceCollator",
     "ScalarFeedbackCollator",
     "TYPOCollator",
     "group_rows",
+    "pack_batch",
     "pad_sequences",
     "tokenize_dataset",
     "tokenize_example",
@@ -511,3 +519,68 @@ def group_rows(rows, *, key: str = "prompt_input_ids",
                 raise ValueError(f"group_rows: row {i} has no column {c!r}")
             groups[k][c].append(row[c])
     return list(groups.values())
+
+
+# --------------------------------------------------------------------------------------------- padding-free
+
+
+def pack_batch(batch: Mapping[str, Any], prefixes: Sequence[str] = ("",)) -> dict[str, Any]:
+    """One padded batch packed into one row per prefix (module docstring, "Padding-free batches").
+
+    For each prefix ``p`` whose ``{p}input_ids [S, T]`` is in ``batch``: every 2-D tensor of the same shape whose
+    name starts with ``p`` (and with no longer prefix of ``prefixes``), e.g. ``{p}input_ids``, ``{p}segment_ids``,
+    ``{p}completion_mask``, becomes ``[1, N]``, the tokens where ``{p}attention_mask`` is 1, sequence after sequence;
+    ``{p}position_ids [1, N]`` counts each sequence's tokens from 0 and ``{p}attention_mask`` becomes all ones.
+    Everything else (per-sequence columns such as labels, rewards, reference log-probs) is passed through, so the
+    sequences keep their order and their per-sequence columns stay aligned with them.
+
+    Raises ``ValueError`` for a sequence with no token, or a batch that already has ``{p}position_ids``.
+    """
+    out = dict(batch)
+    longer = sorted((p for p in prefixes if p), key=len, reverse=True)
+    for prefix in prefixes:
+        ids = batch.get(prefix + "input_ids")
+        if ids is None:
+            continue
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError(f"pack_batch: `{prefix}input_ids` must be a [batch, seq_len] tensor")
+        if prefix + "position_ids" in batch:
+            raise ValueError(f"pack_batch: the batch already has `{prefix}position_ids` (packed, or positions of "
+                             "its own); pack a padded batch")
+        mask = batch.get(prefix + "attention_mask")
+        mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError(f"pack_batch: sequence {int(torch.nonzero(lengths == 0)[0])} of `{prefix}input_ids` "
+                             "has no token")
+        owner = lambda key: next((p for p in longer if key.startswith(p)), "")  # noqa: E731
+        for key, value in batch.items():
+            if (isinstance(value, torch.Tensor) and value.shape == ids.shape and owner(key) == prefix
+                    and key != prefix + "attention_mask"):
+                out[key] = value[mask][None]
+        out[prefix + "position_ids"] = (mask.long().cumsum(dim=1) - 1)[mask][None]
+        out[prefix + "attention_mask"] = torch.ones((1, int(lengths.sum())), dtype=torch.long)
+    return out
+
+
+class PackingCollator:
+    """``collator``'s batches, packed by :func:`pack_batch` (padding-free training).
+
+    Args:
+        collator: any collator returning padded ``[S, T]`` token tensors with an ``attention_mask`` (fastpref's,
+            TRL's ``DataCollatorForPreference`` / ``DataCollatorForUnpairedPreference``, ...).
+        prefixes: the groups of token tensors to pack, by name prefix (``("", "KL_")`` for KTO's KL rows).
+    """
+
+    def __init__(self, collator, prefixes: Sequence[str] = ("",)):
+        if not callable(collator):
+            raise TypeError(f"PackingCollator: `collator` must be callable, got {type(collator).__name__}")
+        self.collator, self.prefixes = collator, tuple(prefixes)
+
+    def __call__(self, examples):
+        return pack_batch(self.collator(examples), self.prefixes)
+
+    def validate_example(self, example: Mapping, index: int = 0) -> None:
+        check = getattr(self.collator, "validate_example", None)
+        if check is not None:
+            check(example, index)

@@ -84,6 +84,7 @@ except ImportError as exc:  # pragma: no cover - transformers is an optional dep
 from .._method_names import where
 from .collators import (
     BinaryFeedbackCollator,
+    PackingCollator,
     PairwiseRewardCollator,
     PreferenceCollator,
     ScalarFeedbackCollator,
@@ -91,7 +92,12 @@ from .collators import (
 )
 from ..distributed.wrappers import whole_shape
 from ..integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
-from ..integrations._trl_utils import capture_backbone_hidden
+from ..integrations._trl_utils import (
+    capture_backbone_hidden,
+    model_inputs_without_mask,
+    packed_offsets,
+    response_logps_materialized,
+)
 from ..integrations.transformers import _STATE, _targets, patch
 from ..losses import (
     auxdpo_loss,
@@ -159,6 +165,10 @@ class FastPrefTrainer(Trainer):
             (else the config's, else 0) pad token id.
         backend: :func:`fastpref.sequence_logprobs` backend (``"auto"``: triton on CUDA, else torch).
         disable_dropout: set the dropout modules' ``p`` to 0 (default True, as TRL).
+        padding_free: pack every batch into one row without padding (:class:`fastpref.collators.PackingCollator`
+            around the collator): ``position_ids`` restart at each sequence, the backbone attends within each
+            sequence (transformers 5 builds the block-diagonal mask from them) and the fused head scores the packed
+            rows through its varlen path. Same losses and gradients as padded batches, no compute on padding.
         **kwargs: the other ``transformers.Trainer`` arguments (``callbacks``, ``optimizers``, ...).
     """
 
@@ -179,9 +189,13 @@ class FastPrefTrainer(Trainer):
         processing_class=None,
         backend: str = "auto",
         disable_dropout: bool = True,
+        padding_free: bool = False,
         **kwargs,
     ):
         name = type(self).__name__
+        if not isinstance(padding_free, bool):
+            raise TypeError(f"{name}: `padding_free` must be a bool, got {type(padding_free).__name__}")
+        self.padding_free = padding_free
         if not hasattr(self, "_owned"):
             self._owned: dict[str, tuple[nn.Module, Optional[float]]] = {}  # name -> (module, learning rate)
         self._backend = backend
@@ -216,6 +230,8 @@ class FastPrefTrainer(Trainer):
 
         if data_collator is None:
             data_collator = self.default_collator(self._pad_token_id(model, processing_class))
+        if padding_free:
+            data_collator = PackingCollator(data_collator, prefixes=("", "KL_"))
         self._check_first_example(data_collator, train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             for key, ds in eval_dataset.items():
@@ -292,6 +308,7 @@ class FastPrefTrainer(Trainer):
         """Call a patched model with ``logps_only=True`` on the batch's ``{prefix}input_ids`` etc. Returns the
         :class:`~fastpref.integrations.transformers.LogProbsOutput` (``.logps``, ``.last_hidden``)."""
         return model(input_ids=inputs[prefix + "input_ids"], attention_mask=inputs[prefix + "attention_mask"],
+                     position_ids=inputs.get(prefix + "position_ids"),  # padding-free batches
                      segment_ids=self._segments(inputs[prefix + "segment_ids"]), logps_only=True)
 
     @torch.no_grad()
@@ -687,7 +704,8 @@ class _RewardHeadTrainer(FastPrefTrainer):
             super()._load_owned_from_checkpoint(name, directory)
 
     def _check_pairs(self, inputs, num_pairs: int) -> None:
-        n = inputs["input_ids"].shape[0]
+        cu = packed_offsets(inputs)  # padding-free: the packed sequences
+        n = inputs["input_ids"].shape[0] if cu is None else cu.numel() - 1
         if n != 2 * num_pairs:
             raise ValueError(f"{type(self).__name__}: {n} sequences for {num_pairs} pairs; rows must be the B chosen "
                              "then the B rejected completions (fastpref.collators)")
@@ -935,7 +953,7 @@ class AuxDPOTrainer(FastPrefTrainer):
     def loss_and_metrics(self, model, inputs):
         lp = self.forward_logps(model, inputs).logps.response
         b = lp.numel() // 2
-        if inputs["input_ids"].shape[0] != 2 * b:  # pragma: no cover - odd rows are caught by split below
+        if lp.numel() != 2 * b:
             raise ValueError("AuxDPOTrainer: rows must be B chosen then B rejected completions")
         training = self.model.training
         if training:
@@ -974,13 +992,17 @@ class AuxDPOTrainer(FastPrefTrainer):
         lm = find_causal_lm(model)
         transform = lm.__dict__[_STATE].transform
         weight, bias = head_parameters(resolve_head(lm.get_output_embeddings()), transform)
-        labels, segments, _, _, _ = _targets(inputs["input_ids"], inputs["attention_mask"], None, None,
-                                             self._segments(inputs["segment_ids"]), None, {}, False)
+        labels, segments, cu, _, _ = _targets(inputs["input_ids"], inputs["attention_mask"],
+                                              inputs.get("position_ids"), None, self._segments(inputs["segment_ids"]),
+                                              None, {}, False)
         hidden = store[-1].detach().to(device=weight.device, dtype=weight.dtype)
+        if cu is not None:  # padding-free: the packed rows and their offsets
+            hidden, labels, segments, cu = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), \
+                segments.reshape(-1), cu.to(weight.device)
         penalty = head_null_penalty(hidden, weight.detach(), labels.to(weight.device),
                                     delta.to(device=weight.device, dtype=torch.float32), segments.to(weight.device),
                                     bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
-                                    softcap=transform.softcap, backend=self._backend)
+                                    softcap=transform.softcap, cu_seqlens=cu, backend=self._backend)
         return ref, penalty
 
     def _param_penalty(self, inputs, delta: torch.Tensor):
@@ -991,13 +1013,13 @@ class AuxDPOTrainer(FastPrefTrainer):
         if not params:
             raise ValueError("AuxDPOTrainer: null_penalty='params' found no reference parameter named like the "
                              "policy's trainable ones; the reference model must have the policy's architecture")
-        ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        scored = (self._segments(inputs["segment_ids"])[:, 1:] == _RESPONSE) & attention[:, 1:].bool() \
-            & attention[:, :-1].bool()
+        labels, segments, cu, _, _ = _targets(inputs["input_ids"], inputs["attention_mask"],
+                                              inputs.get("position_ids"), None, self._segments(inputs["segment_ids"]),
+                                              None, {}, False)
+        model_inputs = model_inputs_without_mask(inputs, ("input_ids", "attention_mask", "position_ids"))
 
         def ref_logps():  # materialized logits: double-differentiable
-            logits = self.ref_model(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            return (token * scored).sum(-1)
+            logits = self.ref_model(**model_inputs, use_cache=False).logits
+            return response_logps_materialized(logits, labels, segments, cu)
 
         return param_null_penalty(ref_logps, params, delta)
