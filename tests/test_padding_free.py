@@ -118,3 +118,4 @@ def test_auxdpo_padding_free_equals_padded(null_penalty, tmp_path):
     packed = _run(AuxDPOTrainer, _pairs(), tmp_path, True, ref_model=_model(1), null_penalty=null_penalty,
                   init_std=0.3, prepare=same_offsets)
     _assert_same(packed, padded)
+

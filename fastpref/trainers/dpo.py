@@ -162,7 +162,17 @@ from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
 from ..integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from ..integrations._step_guard import NonFiniteError, NonFiniteStepGuard
-from ..integrations._trl_utils import ExtraColumnsCollator, capture_backbone_hidden, ld_segment_ids, no_gradient_checkpointing
+from ..integrations._trl_utils import (
+    ExtraColumnsCollator,
+    capture_backbone_hidden,
+    completion_counts,
+    ld_segment_ids,
+    model_inputs_without_mask,
+    no_gradient_checkpointing,
+    packed_offsets,
+    response_logps_materialized,
+)
+from .collators import PackingCollator
 from ..integrations.transformers import _STATE, _targets, patch
 
 __all__ = ["FastPrefDPOTrainer", "METHODS", "ORACLE_COLUMNS", "INDEX_COLUMN"]
@@ -244,17 +254,24 @@ class FastPrefDPOTrainer(DPOTrainer):
             _check_owned_modules(config, method, self.fastpref_method_kwargs, params.get("optimizers"))
         skip_reference = self._resolve_reference(params, config)
 
+        # TRL 1.16 turns padding_free off with a warning ("temporarily unavailable"); fastpref packs the batches
+        # itself (below), so TRL sees padding_free=False and the config keeps the user's value.
+        padding_free = bool(getattr(config, "padding_free", False))
         # TRL's precompute pass (inside DPOTrainer.__init__) already calls compute_ref_log_probs, which patches
         # the model it is given on first use.
-        with _no_reference_loading(self) if skip_reference else contextlib.nullcontext():
-            super().__init__(*bound.args[1:], **bound.kwargs)
+        try:
+            if padding_free:
+                config.padding_free = False
+            with _no_reference_loading(self) if skip_reference else contextlib.nullcontext():
+                super().__init__(*bound.args[1:], **bound.kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
 
         missing = [name for name in ("_metrics", "ref_model") if not hasattr(self, name)]
         if missing:
             raise NotImplementedError(f"FastPrefDPOTrainer: this TRL's DPOTrainer has no {missing}; fastpref "
                                       "supports the TRL 1.x DPOTrainer layout (tested with 1.16)")
-        if getattr(self, "padding_free", False):
-            raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
         if getattr(self, "_is_vision_dataset", False):
             raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported")
 
@@ -287,6 +304,9 @@ class FastPrefDPOTrainer(DPOTrainer):
         if self._fastpref_columns:
             optional = {INDEX_COLUMN}  # evaluation batches of auxdpo use delta = 0 and need no index
             self.data_collator = ExtraColumnsCollator(self.data_collator, self._fastpref_columns, optional)
+        self.padding_free = padding_free
+        if padding_free:  # every later batch (training, evaluation) packed into one row; the precompute pass,
+            self.data_collator = PackingCollator(self.data_collator)  # done above, saw padded batches
         # The extra parameters are replicated on every rank: gradients averaged over the ranks before each step and
         # cleared after it (the Trainer clears only the model's); under DeepSpeed / FSDP, which own the model's
         # optimizer, their groups get an optimizer of their own (fastpref.distributed.replicated)
@@ -452,7 +472,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         kwargs["use_cache"] = False
         kwargs["logps_only"] = True
         if ld:
-            kwargs["segment_ids"] = ld_segment_ids(inputs["completion_mask"])
+            kwargs["segment_ids"] = ld_segment_ids(inputs["completion_mask"], packed_offsets(inputs))
         else:
             kwargs["completion_mask"] = inputs["completion_mask"]
         return kwargs
@@ -534,6 +554,7 @@ class FastPrefDPOTrainer(DPOTrainer):
         backend = self.fastpref_backend
         if method == "dpo":
             loss, metrics = self._dpo_loss(chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask,
+                                           packed_offsets(inputs),
                                            wpo_weights=self._wpo_weights(pol) if args.use_weighting else None)
         elif method == "pro":
             loss, metrics = pro_loss(torch.cat([chosen, rejected]), torch.cat([ref_chosen, ref_rejected]),
@@ -572,7 +593,7 @@ class FastPrefDPOTrainer(DPOTrainer):
 
         if return_outputs:  # TRL's deprecated eval path: logits for compute_metrics, recomputed normally
             with torch.no_grad():
-                plain = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+                plain = model_inputs_without_mask(inputs, set(inputs) - _NON_MODEL_KEYS)
                 outputs = model(**plain)
             return loss, outputs
         return loss
@@ -615,12 +636,14 @@ class FastPrefDPOTrainer(DPOTrainer):
             chosen, rejected = weights.chunk(2, dim=0)
             return (chosen * rejected).float()
 
-    def _dpo_loss(self, chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask, *, wpo_weights=None):
+    def _dpo_loss(self, chosen, rejected, ref_chosen, ref_rejected, pol, completion_mask, offsets, *,
+                  wpo_weights=None):
         args = self.args
         # TRL: ipo / sigmoid_norm divide by completion_mask.sum(1); sft averages the scored (shifted) tokens'
         # raw log-probs (no LD weighting).
-        n_chosen, n_rejected = completion_mask.sum(dim=1).chunk(2, dim=0)
-        n_scored, _ = completion_mask[:, 1:].sum(dim=1).chunk(2, dim=0)
+        counts, scored = completion_counts(completion_mask, offsets)  # offsets: a padding-free batch's, or None
+        n_chosen, n_rejected = counts.chunk(2, dim=0)
+        n_scored, _ = scored.chunk(2, dim=0)
         ld = getattr(args, "ld_alpha", None) is not None
         raw_chosen = (pol.response + pol.prompt if ld else pol.response).chunk(2, dim=0)[0]
         weights = args.loss_weights or [1.0] * len(args.loss_type)
@@ -683,14 +706,18 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     def _auxdpo_penalty(self, inputs, ref_hidden, weight, bias, transform, delta_chosen, delta_rejected, chosen):
         """AuxDPO's exact LM-head null-space penalty from the reference hidden states and the whole head."""
-        labels, segments, _, _, _ = _targets(inputs["input_ids"], inputs.get("attention_mask"), None,
-                                             inputs["completion_mask"], None, None, {}, False)
+        labels, segments, cu, _, _ = _targets(inputs["input_ids"], inputs.get("attention_mask"),
+                                              inputs.get("position_ids"), inputs["completion_mask"], None, None, {},
+                                              False)
         hidden = ref_hidden.detach().to(device=weight.device, dtype=weight.dtype)  # the head's dtype
+        if cu is not None:  # padding-free: the packed rows and their offsets
+            hidden, labels, segments = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1), segments.reshape(-1)
+            cu = cu.to(weight.device)
         return head_null_penalty(
             hidden, weight.detach(), labels.to(weight.device),
             torch.cat([delta_chosen, delta_rejected]).to(torch.float32), segments.to(weight.device),
             bias=None if bias is None else bias.detach(), logit_scale=transform.logit_scale,
-            softcap=transform.softcap, backend=self.fastpref_backend).to(chosen.device).reshape(())
+            softcap=transform.softcap, cu_seqlens=cu, backend=self.fastpref_backend).to(chosen.device).reshape(())
 
     def _param_null_penalty(self, inputs, delta: torch.Tensor) -> torch.Tensor:
         """AuxDPO's ``||A delta||^2`` over the reference copies of every parameter the policy trains (the authors'
@@ -702,13 +729,14 @@ class FastPrefDPOTrainer(DPOTrainer):
         if not params:
             raise _error("null_penalty='params' found no reference parameter named like the policy's trainable "
                          "ones; the reference model must have the policy's architecture")
-        ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        scored = inputs["completion_mask"][:, 1:].bool() & attention[:, 1:].bool() & attention[:, :-1].bool()
+        labels, segments, cu, _, _ = _targets(inputs["input_ids"], inputs.get("attention_mask"),
+                                              inputs.get("position_ids"), inputs["completion_mask"], None, None, {},
+                                              False)
+        model_inputs = model_inputs_without_mask(inputs, ("input_ids", "attention_mask", "position_ids"))
 
         def ref_logps():  # the model's own forward (not logps_only): double-differentiable
-            logits = reference(input_ids=ids, attention_mask=attention, use_cache=False).logits
-            token = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-            return (token * scored).sum(-1)
+            logits = reference(**model_inputs, use_cache=False).logits
+            return response_logps_materialized(logits, labels, segments, cu)
 
         return param_null_penalty(ref_logps, params, delta.to(torch.float32))
 
@@ -787,8 +815,6 @@ def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
     if getattr(config, "reference_free", False):
         raise NotImplementedError("FastPrefDPOTrainer: `reference_free=True` is not supported; choose a "
                                   "reference-free method (simpo, typo, drdo)")
-    if getattr(config, "padding_free", False):
-        raise NotImplementedError("FastPrefDPOTrainer: `padding_free=True` is not supported (padded batches only)")
     if method != "dpo":
         for name, default in _DEFAULT_DPO_FIELDS.items():
             value = getattr(config, name, default)
