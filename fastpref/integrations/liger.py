@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._logit_totals import logits_total
 from ..logprobs import BACKENDS, SequenceLogProbs, sequence_logprobs
 from ..losses.cpo import cpo_loss
 from ..losses.dpo import dpo_loss, simpo_loss
@@ -131,19 +132,12 @@ def _bool(owner: str, name: str, value) -> bool:
     return value
 
 
-@torch.no_grad()
 def logits_sum(_input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sum`` of ``_input[rows] @ weight.T + bias`` over the selected rows, every position and the whole vocabulary
-    (float64, returned as float32): ``(sum_t h_t) . (sum_v W_v) + n sum_v b_v``, no logits."""
-    h = _input.detach().double()
-    if rows is not None:
-        h = h[rows]
-    positions = h.shape[0] * h.shape[1]
-    total = h.sum(dim=(0, 1)) @ weight.detach().double().sum(0)
-    if bias is not None:
-        total = total + positions * bias.detach().double().sum()
-    return total.float()
+    (float64, returned as float32), without logits (:func:`fastpref._logit_totals.logits_total`)."""
+    h = _input if rows is None else _input[rows]
+    return logits_total(h, weight, bias).float()
 
 
 def _logits_means(_input, weight, bias):
