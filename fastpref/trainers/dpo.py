@@ -158,6 +158,7 @@ from ..losses.auxdpo import (
 from ..losses.auxdpo_penalty import head_null_penalty, param_null_penalty
 from ..losses.dpo import dpo_loss, simpo_loss
 from ..losses.drdo import drdo_loss
+from ..losses.nll import nll_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
 from ..integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
@@ -196,7 +197,7 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 # Batch keys that are not model inputs: TRL's, and the extra columns of drdo/auxdpo.
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", *ORACLE_COLUMNS, INDEX_COLUMN}
 _DEFAULT_DPO_FIELDS = {"loss_type": ["sigmoid"], "loss_weights": None, "f_divergence_type": "reverse_kl",
-                       "ld_alpha": None, "use_weighting": False}
+                       "ld_alpha": None, "use_weighting": False, "rpo_alpha": None, "reference_free": False}
 
 
 def _error(message: str) -> ValueError:
@@ -273,7 +274,15 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise NotImplementedError(f"FastPrefDPOTrainer: this TRL's DPOTrainer has no {missing}; fastpref "
                                       "supports the TRL 1.x DPOTrainer layout (tested with 1.16)")
         if getattr(self, "_is_vision_dataset", False):
-            raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported")
+            raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported: TRL prepares them on the "
+                                      "fly with its vision collator, whose image-token layout the fused path has not "
+                                      "been checked against; use the stock DPOTrainer for vision-language models")
+        # The per-token statistics (TRL's token metrics, WPO's weights) have no cross-rank merge for a
+        # vocabulary-parallel head (fastpref.distributed): under tensor parallelism they are not requested.
+        self._fastpref_stats = getattr(self, "_tp_size", 1) == 1
+        if self.args.use_weighting and not self._fastpref_stats:
+            raise NotImplementedError("FastPrefDPOTrainer: `use_weighting=True` (WPO) needs log sum_v p^2 per token, "
+                                      "which a tensor-parallel (vocabulary-sharded) head does not merge across ranks")
 
         self._fastpref_patch_all()
         self._fastpref_guard = NonFiniteStepGuard(self)
@@ -337,7 +346,9 @@ class FastPrefDPOTrainer(DPOTrainer):
 
     @property
     def uses_reference(self) -> bool:
-        return self.fastpref_method not in REFERENCE_FREE
+        """False for the reference-free methods and for ``reference_free=True`` (a config field of other TRL
+        releases: the reference log-probs are 0)."""
+        return self.fastpref_method not in REFERENCE_FREE and not getattr(self.args, "reference_free", False)
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -359,13 +370,13 @@ class FastPrefDPOTrainer(DPOTrainer):
         model, ref_model = params.get("model"), params.get("ref_model")
         method = self.fastpref_method
         uses_peft = params.get("peft_config") is not None or (isinstance(model, nn.Module) and is_peft_model(model))
-        if method in REFERENCE_FREE:
+        if method in REFERENCE_FREE or getattr(config, "reference_free", False):
+            what = f"method={method!r}" if method in REFERENCE_FREE else "`reference_free=True`"
             if config.precompute_ref_log_probs:
-                raise _error(f"method={method!r} is reference-free: `precompute_ref_log_probs=True` would run a "
+                raise _error(f"{what} is reference-free: `precompute_ref_log_probs=True` would run a "
                              "reference pass it never uses; set it to False")
             if getattr(config, "sync_ref_model", False):
-                raise _error(f"method={method!r} is reference-free: there is no reference to sync "
-                             "(`sync_ref_model=True`)")
+                raise _error(f"{what} is reference-free: there is no reference to sync (`sync_ref_model=True`)")
             return ref_model is None and not uses_peft
         if ref_model is None and isinstance(model, nn.Module) and not uses_peft and not config.precompute_ref_log_probs:
             reference = copy.deepcopy(model)
@@ -529,7 +540,8 @@ class FastPrefDPOTrainer(DPOTrainer):
 
         self._fastpref_patch(model)
         kwargs = self._model_kwargs(inputs, ld=ld)
-        kwargs["return_stats"] = True  # entropy, mean logit, argmax == label, log sum p^2: TRL's metrics and WPO
+        kwargs["return_stats"] = self._fastpref_stats  # entropy, mean logit, argmax == label, log sum p^2: TRL's
+        # token metrics and WPO
         if aux:
             kwargs["output_router_logits"] = True
         with self.accelerator.autocast():  # as accelerate's wrapper of the prepared model's forward would
@@ -549,6 +561,8 @@ class FastPrefDPOTrainer(DPOTrainer):
                            and mode == "train")
                 ref_logps, ref_hidden, ref_head = self._reference_forward(reference, inputs, capture=capture)
                 ref_chosen, ref_rejected = ref_logps.to(chosen.device).chunk(2, dim=0)
+        else:  # reference-free (TRL's reference_free=True: the reference assigns every response log-prob 0)
+            ref_chosen, ref_rejected = torch.zeros_like(chosen.detach()), torch.zeros_like(rejected.detach())
 
         settings = self.fastpref_method_kwargs
         backend = self.fastpref_backend
@@ -586,7 +600,8 @@ class FastPrefDPOTrainer(DPOTrainer):
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // getattr(self, "_tp_size", 1)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-        self._log_token_metrics(pol, mode)
+        if pol.stats is not None:
+            self._log_token_metrics(pol, mode)
         for key, value in metrics.items():
             value = value.detach().reshape(1).float()
             self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
@@ -661,6 +676,11 @@ class FastPrefDPOTrainer(DPOTrainer):
                                    chosen_lengths=n_chosen, rejected_lengths=n_rejected, **common)
             term = term * weight
             loss = term if loss is None else loss + term
+        rpo_alpha = getattr(args, "rpo_alpha", None)
+        nll = None
+        if rpo_alpha is not None:  # RPO (a config field of other TRL releases): + rpo_alpha * the chosen tokens' NLL
+            nll, _ = nll_loss(raw_chosen, n_scored)
+            loss = loss + rpo_alpha * nll
         with torch.no_grad():
             chosen_rewards = args.beta * (chosen.float() - ref_chosen.float())
             rejected_rewards = args.beta * (rejected.float() - ref_rejected.float())
@@ -672,6 +692,8 @@ class FastPrefDPOTrainer(DPOTrainer):
                 "logps/chosen": chosen.float().mean(),
                 "logps/rejected": rejected.float().mean(),
             }
+            if nll is not None:
+                metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
     def _auxdpo_loss(self, inputs, chosen, rejected, ref_chosen, ref_rejected, ref_hidden, ref_head, mode):
@@ -807,14 +829,14 @@ def _method_settings(method: str, method_kwargs: Optional[dict]) -> dict:
 
 def _check_config(config: DPOConfig, method: str, settings: dict) -> None:
     """Raise for what the fused path cannot reproduce, and try the method's loss on a dummy batch."""
-    if getattr(config, "rpo_alpha", None) is not None:
-        raise NotImplementedError("FastPrefDPOTrainer: `rpo_alpha` (RPO's NLL term) is not supported; "
-                                  "use loss_type=['sigmoid', 'sft'] with loss_weights instead")
-    if getattr(config, "use_liger_loss", False):
-        raise NotImplementedError("FastPrefDPOTrainer: `use_liger_loss=True` replaces the loss fastpref computes")
-    if getattr(config, "reference_free", False):
-        raise NotImplementedError("FastPrefDPOTrainer: `reference_free=True` is not supported; choose a "
-                                  "reference-free method (simpo, typo, drdo)")
+    if getattr(config, "use_liger_loss", False):  # a field of other TRL releases
+        raise NotImplementedError("FastPrefDPOTrainer: `use_liger_loss=True` asks for Liger's fused loss in place of "
+                                  "the one FastPrefDPOTrainer computes: the two cannot both compute it. Drop it (the "
+                                  "fused head is already fastpref's), or use Liger's own trainer")
+    rpo_alpha = getattr(config, "rpo_alpha", None)
+    if rpo_alpha is not None and (isinstance(rpo_alpha, bool) or not isinstance(rpo_alpha, (int, float))
+                                  or not math.isfinite(rpo_alpha) or rpo_alpha < 0):
+        raise _error(f"`rpo_alpha` must be a finite number >= 0 or None, got {rpo_alpha!r}")
     if method != "dpo":
         for name, default in _DEFAULT_DPO_FIELDS.items():
             value = getattr(config, name, default)
