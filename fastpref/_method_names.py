@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-#: name -> the trainer call that trains it (``FastPrefDPOTrainer`` is :mod:`fastpref.integrations.trl`'s, the others
-#: are in :mod:`fastpref.trainer`). Keys: every ``fastpref demo`` method, plus ``kto`` and ``edpo``.
+#: name -> the trainer call that trains it (every trainer is in :mod:`fastpref.trainers`;
+#: ``FastPrefKTOTrainer`` is TRL's KTO drop-in). Keys: every ``fastpref demo`` method, plus ``kto``, ``cpo``,
+#: ``orpo`` and ``edpo``.
 TRAINER_CALLS: dict[str, str] = {
     "dpo": "FastPrefDPOTrainer(method='dpo') with DPOConfig(loss_type='sigmoid')",
     "ipo": "FastPrefDPOTrainer(method='dpo') with DPOConfig(loss_type='ipo')",
@@ -25,7 +26,9 @@ TRAINER_CALLS: dict[str, str] = {
             "method_kwargs={'lam': 0.0}) for pairs alone",
     "auxdpo": "FastPrefDPOTrainer(method='auxdpo')",
     "drdo": "FastPrefDPOTrainer(method='drdo') or OracleRewardTrainer(method='drdo')",
-    "kto": "BinaryFeedbackTrainer(method='kto')",
+    "kto": "FastPrefKTOTrainer (TRL's KTOTrainer) or BinaryFeedbackTrainer(method='kto')",
+    "cpo": "FastPrefCPOTrainer (TRL's CPOTrainer)",
+    "orpo": "FastPrefORPOTrainer (TRL's ORPOTrainer)",
     "edpo": "OracleRewardTrainer(method='edpo')",
 }
 

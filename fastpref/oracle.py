@@ -1,10 +1,10 @@
 """DRDO's oracle stage (docs/methods.md section 6): the oracle's rewards ``R*`` for the student run.
 
 DRDO distills an oracle reward model into the policy. The oracle is trained first
-(:class:`fastpref.trainer.DRDOOracleTrainer`: a causal LM with a reward head on the hidden state of the last response
+(:class:`fastpref.trainers.DRDOOracleTrainer`: a causal LM with a reward head on the hidden state of the last response
 token, loss :func:`fastpref.losses.drdo_oracle_loss` with ``a = 0.01``), then it annotates every preference pair with
 ``R*(x, y_w)`` and ``R*(x, y_l)``: :func:`annotate_oracle_rewards` writes them as the ``oracle_chosen`` /
-``oracle_rejected`` columns that :class:`fastpref.trainer.OracleRewardTrainer` (``method="drdo"``) and
+``oracle_rejected`` columns that :class:`fastpref.trainers.OracleRewardTrainer` (``method="drdo"``) and
 ``FastPrefDPOTrainer(method="drdo")`` read. The rewards are data: computed without gradient, with the oracle in
 eval mode, and frozen from then on.
 """

@@ -4,7 +4,7 @@ TYPO ("New Desiderata for Direct Preference Optimization", seed 002) adds ``lam 
 ``y_u`` sampled from the reference (SFT) model. The seed samples **one response per prompt** with temperature 1,
 ``top_k = 60``, ``top_p = 0.8``, at most 256 new tokens and repetition penalty 1.1: :data:`SEED_SETTINGS`, the
 defaults of :func:`sample_reference_responses`. Its output rows are TYPO's ``unsup`` examples, ready for
-:class:`fastpref.collators.TYPOCollator` / :class:`fastpref.trainer.TYPOTrainer` next to the preference pairs::
+:class:`fastpref.collators.TYPOCollator` / :class:`fastpref.trainers.TYPOTrainer` next to the preference pairs::
 
     from fastpref.sampling import sample_reference_responses
 

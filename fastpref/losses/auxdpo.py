@@ -64,7 +64,7 @@ def auxdpo_loss(
     Defaults: ``beta = 0.1`` (TRL's ``DPOConfig.beta``; ours), and from the authors' public code
     ``lambda_null = 1.0``, ``lambda_amp = 0.01``; ``delta``
     itself: ``cap = 1.0``, ``delta_raw ~ N(0, 1e-3)``, own optimizer group at learning rate 5e-3, no weight decay
-    (:class:`fastpref.AuxDPOLoss`, :class:`fastpref.trainer.AuxDPOTrainer`).  ``backend``: ``'auto' | 'triton' |
+    (:class:`fastpref.AuxDPOLoss`, :class:`fastpref.trainers.AuxDPOTrainer`).  ``backend``: ``'auto' | 'triton' |
     'torch'``; the fused kernel computes the sigmoid term and its gradients to the log-probs and to delta (the
     penalties are plain PyTorch either way).
 

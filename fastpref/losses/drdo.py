@@ -95,7 +95,7 @@ def drdo_oracle_loss(
     ``chosen_reward`` / ``rejected_reward``: the oracle's reward-head outputs (on the hidden state of each
     sequence's last response token); ``chosen_logps``: the oracle LM's (summed) log-prob of the chosen response.
     ``a`` in [0, 1], default 0.01 (the seed, App. C.1).  Training the oracle with this loss and annotating ``R*``
-    for the student run is :class:`fastpref.trainer.DRDOOracleTrainer` and
+    for the student run is :class:`fastpref.trainers.DRDOOracleTrainer` and
     :func:`fastpref.oracle.annotate_oracle_rewards`.
 
     Metrics: the DPO six with the oracle rewards as ``rewards/*`` (``logps/rejected`` absent: not an input).

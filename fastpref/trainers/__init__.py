@@ -30,8 +30,8 @@ _MODULES = {
     "kto": ("FastPrefKTOTrainer",),
     "feedback": ("AuxDPOTrainer", "BinaryFeedbackTrainer", "DRDOOracleTrainer", "FastPrefTrainer",
                  "OracleRewardTrainer", "ScalarFeedbackTrainer", "TYPOTrainer"),
-    "collators": ("BinaryFeedbackCollator", "PairwiseRewardCollator", "PreferenceCollator", "ScalarFeedbackCollator",
-                  "TYPOCollator", "tokenize_dataset"),
+    "collators": ("BinaryFeedbackCollator", "PackingCollator", "PairwiseRewardCollator", "PreferenceCollator",
+                  "ScalarFeedbackCollator", "TYPOCollator", "pack_batch", "tokenize_dataset"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}
 

@@ -3,7 +3,7 @@
 ::
 
     from trl import DPOConfig
-    from fastpref.integrations.trl import FastPrefDPOTrainer
+    from fastpref.trainers import FastPrefDPOTrainer          # (also importable from fastpref.integrations.trl)
 
     trainer = FastPrefDPOTrainer(model, args=DPOConfig(...), train_dataset=dataset,
                                  processing_class=tokenizer)                       # every TRL loss_type
@@ -45,7 +45,7 @@ method     loss (:mod:`fastpref.losses.functional`)                     ``method
                                                                         the config
 ``typo``   refused by default: TYPO needs responses sampled from the    ``lam``: only ``0.0`` (the supervised
            reference model, which TRL's preference data cannot carry:   term alone, stated explicitly)
-           use :class:`fastpref.trainer.TYPOTrainer` with
+           use :class:`fastpref.trainers.TYPOTrainer` with
            :func:`fastpref.sampling.sample_reference_responses`.
            ``method_kwargs={"lam": 0.0}`` trains the pairwise term
            ``typo_loss(..., unsup_logps=None)`` alone, by choice
@@ -99,16 +99,37 @@ NaN parameters, a training step whose forward meets non-finite values or whose g
 GradScaler would; parameters that are no longer finite raise a ``RuntimeError`` naming one
 (:mod:`fastpref.integrations._step_guard`).
 
-Logged metrics keep TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
-``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``num_tokens``, ``aux_loss``; plus each fastpref
-method's own, e.g. ``rewards/hyper``, ``drdo/distill``). Not logged, because they need the full vocabulary
-distribution the fused head never builds: ``entropy``, ``logits/chosen``, ``logits/rejected``,
-``mean_token_accuracy``.
+Logged metrics: everything stock ``DPOTrainer`` logs, under TRL's names and definitions (TRL 1.16
+``_compute_loss``): ``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``, ``num_tokens``, ``aux_loss``, and the token metrics ``entropy`` (mean over every
+completion token), ``logits/chosen`` / ``logits/rejected`` (mean over the chosen / rejected completion tokens of the
+token's mean logit) and ``mean_token_accuracy`` (fraction of the chosen completion tokens whose label is the argmax),
+which come from the fused forward's per-token statistics (``return_stats=True``, accumulated with the log-sum-exp in
+the same pass); plus each fastpref method's own, e.g. ``rewards/hyper``, ``drdo/distill``.
 
-Unsupported, raising at construction (never a silent difference): ``use_weighting=True`` (WPO needs
-``log sum_v p^2`` per token), ``rpo_alpha`` / ``use_liger_loss`` / ``reference_free`` of other TRL releases,
-vision datasets, padding-free batches, and for ``drdo``/``auxdpo`` a user-built optimizer lacking their
-parameters.
+WPO (``use_weighting=True``): TRL's per-pair weights ``exp(mean_t (log p(y_t) - log sum_v p_v^2))`` (chosen times
+rejected, no gradient) from the same statistics. Padding-free batches (``padding_free=True``; TRL 1.16 itself falls
+back to padding with a warning): every batch is packed into one row after TRL's collator
+(:class:`fastpref.trainers.collators.PackingCollator`), ``position_ids`` restarting per sequence; transformers builds
+the block-diagonal attention from them and the fused head scores the packed rows (its varlen path): the same losses
+and gradients as padded batches, no compute on padding (TRL's precompute pass, inside the constructor, sees padded
+batches). ``rpo_alpha`` and ``reference_free`` (fields of other TRL releases) are computed: RPO adds
+``rpo_alpha`` times the chosen tokens' NLL (metric ``nll_loss``); reference-free DPO uses reference log-probs of 0.
+
+Refused at construction, each because it cannot be computed here (never a silent difference):
+
+* ``use_liger_loss=True`` (other TRL releases): it asks for Liger's fused loss in place of this one;
+* vision datasets: TRL prepares them on the fly with its vision collator, whose image-token layout the fused path has
+  not been checked against;
+* ``method="typo"`` without ``lam=0``: TYPO's unsupervised term needs responses sampled from the reference model,
+  which a preference dataset does not carry (:class:`fastpref.trainers.TYPOTrainer` takes them);
+* ``drdo`` / ``auxdpo`` with a user-built optimizer that lacks their trainer-owned parameters (they would not train);
+  AuxDPO's ``null_penalty="params"`` under FSDP / DeepSpeed (it differentiates sharded reference parameters) or
+  without a separate ``ref_model``;
+* contradictions: ``precompute_ref_log_probs`` / ``sync_ref_model`` with a reference-free method, DPO-only config
+  fields with another method, TRL's own refusals (WPO with ``aot``, ...);
+* under tensor parallelism (a vocabulary-sharded head) the per-token statistics have no cross-rank merge: the token
+  metrics are not logged and WPO is refused.
 
 Several processes (tested under accelerate with DDP, FSDP2 and DeepSpeed ZeRO-3; the patch itself also under
 FSDP1): the patched forward reads the head where it is whole and runs the fused head inside the head's own FSDP
@@ -140,7 +161,7 @@ try:
 except ImportError as exc:  # pragma: no cover - trl is an optional dependency
     from .._hints import install_hint
 
-    raise ImportError(f"fastpref.integrations.trl needs TRL: {install_hint('trl')}") from exc
+    raise ImportError(f"fastpref.trainers.dpo needs TRL: {install_hint('trl')}") from exc
 
 from .._method_names import where
 from ..distributed.replicated import ReplicatedParameters
@@ -891,7 +912,7 @@ def _dummy_loss(config: DPOConfig, method: str, settings: dict) -> None:
             raise NotImplementedError(
                 "FastPrefDPOTrainer: method='typo' needs responses sampled from the reference model for its "
                 "unsupervised term (lam * E[-log pi(y_u)], lam = 0.05), which a TRL preference dataset cannot carry; "
-                "without them it would silently train with lam = 0. Use fastpref.trainer.TYPOTrainer with samples "
+                "without them it would silently train with lam = 0. Use fastpref.trainers.TYPOTrainer with samples "
                 "from fastpref.sampling.sample_reference_responses, or pass method_kwargs={'lam': 0.0} to train the "
                 "supervised term alone on purpose")
         typo_loss(cw, cl, unsup_logps=None)

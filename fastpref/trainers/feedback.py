@@ -24,8 +24,7 @@ AuxDPOTrainer            (AuxDPO)              pairs + ``example_index``        
 One trainer per data layout, with a ``method`` argument where two methods share the layout: the layout fixes the
 collator and the batch checks, the method only the loss. Usage (see ``examples/``)::
 
-    from fastpref.collators import tokenize_dataset
-    from fastpref.trainer import BinaryFeedbackTrainer
+    from fastpref.trainers import BinaryFeedbackTrainer, tokenize_dataset
 
     data = tokenize_dataset(rows, tokenizer)         # rows: {"prompt", "completion", "label"} (text)
     trainer = BinaryFeedbackTrainer(model, TrainingArguments(...), method="kto", train_dataset=data,
@@ -60,8 +59,12 @@ What the base class :class:`FastPrefTrainer` does:
   metric ``skipped_steps``, as a GradScaler would; parameters that are no longer finite raise a ``RuntimeError``
   naming one (:mod:`fastpref.integrations._step_guard`).
 
+* **Padding-free batches** (``padding_free=True``): the collator's batches are packed into one row
+  (:class:`fastpref.trainers.collators.PackingCollator`, KTO's KL rows too) with ``position_ids`` restarting per
+  sequence; same losses and gradients as padded batches.
+
 Not covered: DeepSpeed/FSDP preparation of a separate ``ref_model`` (it is moved to the device, not wrapped),
-precomputed reference log-probs, packed (padding-free) batches.
+precomputed reference log-probs.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ try:
 except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
     from .._hints import install_hint
 
-    raise ImportError(f"fastpref.trainer needs transformers: {install_hint('hf')}") from exc
+    raise ImportError(f"fastpref.trainers.feedback needs transformers: {install_hint('hf')}") from exc
 
 from .._method_names import where
 from .collators import (
