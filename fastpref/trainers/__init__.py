@@ -1,19 +1,13 @@
 """Every fastpref trainer, in one package.
 
-============================  =====================================  ==============================================
-module                        trainers                               for
-============================  =====================================  ==============================================
-:mod:`.dpo`                   ``FastPrefDPOTrainer``                 TRL's ``DPOTrainer``, drop-in (every
-                                                                     ``loss_type``; fastpref's pair methods)
-:mod:`.cpo`                   ``FastPrefCPOTrainer``,                TRL's ``CPOTrainer`` (CPO, CPO-SimPO, AlphaPO)
-                              ``FastPrefORPOTrainer``                and ``ORPOTrainer``, drop-in
-:mod:`.kto`                   ``FastPrefKTOTrainer``                 TRL's ``KTOTrainer``, drop-in
-:mod:`.feedback`              ``BinaryFeedbackTrainer``,             ``transformers.Trainer`` classes for the data
-                              ``ScalarFeedbackTrainer``,             layouts TRL's trainers cannot take (binary and
-                              ``TYPOTrainer``, ``OracleRewardTrainer``,  scalar feedback, reference samples, oracle
-                              ``DRDOOracleTrainer``, ``AuxDPOTrainer``   rewards, per-example offsets)
-:mod:`.collators`             the feedback trainers' collators       padding, packing (``padding_free``), checks
-============================  =====================================  ==============================================
+* :mod:`.dpo`: ``FastPrefDPOTrainer``, TRL's ``DPOTrainer`` drop-in (every ``loss_type``; fastpref's pair methods);
+* :mod:`.cpo`: ``FastPrefCPOTrainer`` and ``FastPrefORPOTrainer``, drop-ins for TRL's ``CPOTrainer`` (CPO,
+  CPO-SimPO, AlphaPO) and ``ORPOTrainer``;
+* :mod:`.kto`: ``FastPrefKTOTrainer``, TRL's ``KTOTrainer`` drop-in;
+* :mod:`.feedback`: ``BinaryFeedbackTrainer``, ``ScalarFeedbackTrainer``, ``TYPOTrainer``, ``OracleRewardTrainer``,
+  ``DRDOOracleTrainer``, ``AuxDPOTrainer``: ``transformers.Trainer`` classes for the data layouts TRL's trainers
+  cannot take (binary and scalar feedback, reference samples, oracle rewards, per-example offsets);
+* :mod:`.collators`: their collators, and :class:`~.collators.PackingCollator` (padding-free batches).
 
 Names are resolved on first use (``from fastpref.trainers import FastPrefDPOTrainer``), so the feedback trainers
 and collators need only ``transformers`` and the TRL drop-ins ``trl`` as well. The former paths
