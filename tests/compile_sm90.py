@@ -51,15 +51,38 @@ def _attrs(fn, signature):
     return attrs
 
 
+JOBS: list = []
+
+
 def compile_one(name, fn, pointers, scalars, constexprs, num_warps=4, num_stages=2, target=None):
+    """Queue one variant (compiled in parallel by :func:`run_jobs`)."""
+    JOBS.append((name, fn.fn.__module__, fn.fn.__name__, dict(pointers), dict(scalars), dict(constexprs), num_warps,
+                 num_stages, (target or TARGET).arch))
+
+
+def _compile_job(job) -> dict:
+    import importlib
+
+    name, module, attr, pointers, scalars, constexprs, num_warps, num_stages, arch = job
+    fn = getattr(importlib.import_module(module), attr)
     sig = dict(pointers)
     sig.update(scalars)
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, {**pointers, **scalars}))
-    kernel = triton.compile(src, target=target or TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     row = {"kernel": name, "shared": getattr(getattr(kernel, "metadata", None), "shared", None)}
     row.update(resource_usage(kernel.asm.get("cubin")))
-    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_jobs() -> None:
+    """Compile every queued variant on all cores; one JSON line each (a compile error propagates)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for row in pool.map(_compile_job, JOBS):
+            print(json.dumps(row), flush=True)
 
 
 def resource_usage(cubin) -> dict:
@@ -215,3 +238,4 @@ if __name__ == "__main__":
         ampere_kernels()
     if which in ("all", "loss"):
         loss_kernels()
+    run_jobs()
