@@ -106,7 +106,8 @@ def make_step(impl: str, softcap: Optional[float], backend: str, device):
         if softcap is None:
             return head_check.fastpref_step(backend)
         return dpo_step(lambda H, W, lab: fastpref.sequence_logprobs(
-            H, W, lab, softcap=softcap, backend=backend, validate=False).response, timed=True)
+            H, W, lab, softcap=softcap, backend=backend, validate=False, totals_dtype=torch.float64).response,
+            timed=True)
     if impl == "naive":
         return head_check.naive_step if softcap is None else dpo_step(lambda H, W, lab: naive_logps(H, W, lab, softcap))
     if impl == "trl":

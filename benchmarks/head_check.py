@@ -95,13 +95,16 @@ def correctness(a, device):
 
 
 # ----------------------------------------------------------------------------------------------- timing
+F64 = torch.float64  # the totals as fastpref's loss modules take them (no fp32 rounding of the four DPO totals)
+
+
 def fastpref_step(backend):
     def step(W, H, Href, lab):
         dev = H.device
         with torch.no_grad():
-            ref = fastpref.sequence_logprobs(Href, W, lab, backend=backend, validate=False).response
+            ref = fastpref.sequence_logprobs(Href, W, lab, backend=backend, validate=False, totals_dtype=F64).response
         with Timer(dev) as tf:
-            pol = fastpref.sequence_logprobs(H, W, lab, backend=backend, validate=False).response
+            pol = fastpref.sequence_logprobs(H, W, lab, backend=backend, validate=False, totals_dtype=F64).response
         loss = dpo_from_logps(pol, ref)
         with Timer(dev) as tb:
             loss.backward()

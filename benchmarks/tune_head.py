@@ -55,13 +55,16 @@ def main(argv=None) -> int:
 
     mm_ms = _median_ms(lambda: hidden @ weight.t()[:, :chunk], device, a.iters) if a.smoke else \
         _median_ms(lambda: hidden @ weight.t(), device, a.iters)
-    for tile in smoke_tile or config.FORWARD_CANDIDATES[kind]:
+    gen = config.generation(device)
+    forward_tiles = config.AMPERE_CANDIDATES["forward"][kind] if gen == "ampere" else config.FORWARD_CANDIDATES[kind]
+    grad_tiles = config.AMPERE_CANDIDATES["grad"][kind] if gen == "ampere" else config.GRAD_TILE_CANDIDATES[kind]
+    for tile in smoke_tile or forward_tiles:
         ms = _median_ms(lambda: vocab_logsumexp(hidden, weight, None, rows, labels, tile=tile), device, a.iters)
         rows_out.append({"kernel": "vocab_logsumexp", **dataclasses.asdict(tile), "median_ms": ms,
                          "fraction_of_matmul": mm_ms / ms})
     stats = torch.zeros(M, device=device), torch.zeros(M, device=device), torch.full((M,), -1.0, device=device)
     chunk_mm = _median_ms(lambda: hidden[:chunk] @ weight[:chunk].t(), device, a.iters)
-    for tile in smoke_tile or config.GRAD_TILE_CANDIDATES[kind]:
+    for tile in smoke_tile or grad_tiles:
         ms = _median_ms(lambda: logits_grad_tile(hidden, weight, None, rows[:chunk], labels[:chunk],
                                                  stats[0][:chunk], stats[1][:chunk], stats[2][:chunk], 0, chunk,
                                                  tile=tile), device, a.iters)

@@ -234,7 +234,8 @@ def _segment_sums(values: torch.Tensor, slot: torch.Tensor, S: int, dtype) -> tu
 
 
 def _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ignore_index, reduction, logit_scale,
-                          softcap, cu_seqlens, backend, return_token_logps, return_stats, validate) -> "SequenceLogProbs":
+                          softcap, cu_seqlens, backend, return_token_logps, return_stats, validate,
+                          totals_dtype=None) -> "SequenceLogProbs":
     """A vocabulary-parallel and/or context-parallel head (:mod:`fastpref.distributed`): every rank of a group
     checks and computes the same way; eager only (not through the custom op)."""
     if return_stats:
@@ -257,7 +258,8 @@ def _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ign
     totals, counts = spread.sequence_totals(totals, counts, validate)  # context parallel: summed across the group
     if reduction == "mean":
         totals = totals / counts.clamp(min=1)
-    column = lambda x, j: x[:, j].to(lp.dtype, copy=True)  # noqa: E731 - independent tensors
+    dtype = lp.dtype if totals_dtype is None else totals_dtype
+    column = lambda x, j: x[:, j].to(dtype, copy=True)  # noqa: E731 - independent tensors
     return SequenceLogProbs(column(totals, 0), column(totals, 1), column(counts, 0), column(counts, 1),
                             lp.view(labels.shape) if return_token_logps else None)
 
@@ -278,6 +280,7 @@ def sequence_logprobs(
     return_token_logps: bool = False,
     return_stats: bool = False,
     validate: bool = True,
+    totals_dtype: Optional[torch.dtype] = None,
     vocab_parallel_group=None,
     vocab_range: Optional[tuple[int, int]] = None,
     context_parallel_group=None,
@@ -303,6 +306,11 @@ def sequence_logprobs(
         backend: ``"triton"`` (fused kernels: CUDA, or the CPU interpreter with ``TRITON_INTERPRET=1``),
             ``"torch"`` (chunked PyTorch, any device, bounded memory), ``"auto"`` (triton on CUDA, else torch).
         return_token_logps: also return per-token log-probs (differentiable), shaped like ``labels``.
+        totals_dtype: the dtype of the per-sequence results (``response``, ``prompt``, counts, per-segment
+            statistics). Default: the token log-probs' (fp32; float64 for float64 inputs). The sums are always
+            accumulated in float64; pass ``torch.float64`` to keep them: one rounding of each total to fp32 costs up
+            to half an fp32 ulp of its size (2.4e-4 nats at a total of -6,900), and a DPO margin takes differences
+            of four totals, so a DPO loss built on fp32 totals carries ~1e-5 of rounding that float64 totals do not.
         return_stats: also return :class:`SequenceStats`: per-token entropy (differentiable), ``log sum p^2``,
             mean logit and argmax == label, and their per-segment sums, accumulated in the same pass over the
             vocabulary (no second pass; the forward's tiles carry a few more running sums).
@@ -328,6 +336,8 @@ def sequence_logprobs(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if totals_dtype not in (None, torch.float32, torch.float64):
+        raise TypeError(f"`totals_dtype` must be None, torch.float32 or torch.float64, got {totals_dtype!r}")
     # --- distributed head (fastpref.distributed): local shards and groups; None for a plain call ----------------
     spread = None
     if _distributed.requested(hidden, weight, bias, vocab_parallel_group, vocab_range, context_parallel_group):
@@ -342,7 +352,7 @@ def sequence_logprobs(
     if spread is not None:
         return _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ignore_index, reduction,
                                      logit_scale, softcap, cu_seqlens, backend, return_token_logps, return_stats,
-                                     validate)
+                                     validate, totals_dtype)
     layout = _layout(hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, False,
                      logit_scale=logit_scale)
     name = _backend_name(backend, hidden)
@@ -361,15 +371,16 @@ def sequence_logprobs(
 
     scored = segments > 0
     slot = sequence * 2 + (segments == PROMPT).long()
-    response, prompt = _segment_sums(lp, slot, S, lp.dtype)
-    n_response, n_prompt = _segment_sums(scored.to(lp.dtype), slot, S, lp.dtype)
+    out_dtype = lp.dtype if totals_dtype is None else totals_dtype
+    response, prompt = _segment_sums(lp, slot, S, out_dtype)
+    n_response, n_prompt = _segment_sums(scored.to(lp.dtype), slot, S, out_dtype)
     if reduction == "mean":
         response, prompt = response / n_response.clamp(min=1), prompt / n_prompt.clamp(min=1)
     token_logps = lp.view(labels.shape) if return_token_logps else None
     stats = None
     if return_stats:
         tokens = TokenStatistics(entropy, log_sum_p2, mean_logit, argmax)
-        per_segment = [_segment_sums(x.to(lp.dtype), slot, S, lp.dtype) for x in tokens]
+        per_segment = [_segment_sums(x.to(lp.dtype), slot, S, out_dtype) for x in tokens]
         if reduction == "mean":
             per_segment = [(r / n_response.clamp(min=1), p / n_prompt.clamp(min=1)) for r, p in per_segment]
         stats = SequenceStats(TokenStatistics(*(x.view(labels.shape) for x in tokens)),

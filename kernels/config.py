@@ -106,20 +106,43 @@ TARGET_TILE = TileConfig(block_m=32, block_v=1, block_d=128, num_warps=4, num_st
 _TARGET_INTERPRETER = TileConfig(block_m=16, block_v=1, block_d=16, num_warps=1, num_stages=1)
 
 
+# Ampere (A100, sm_80): 164 KiB of shared memory and mma.sync: fewer stages for the plain variants (the lists
+# above are Hopper's, sm_90: the compile check targets it). Untested on hardware, like the rest.
+AMPERE_CANDIDATES = {
+    "forward": {"low_precision": (TileConfig(128, 128, 32, num_warps=8, num_stages=4, group_m=8),
+                                  TileConfig(128, 64, 64, num_warps=4, num_stages=3, group_m=8, programs_per_sm=2)),
+                "fp32": FORWARD_CANDIDATES["fp32"]},
+    "grad": {"low_precision": (TileConfig(128, 64, 64, num_warps=4, num_stages=3, programs_per_sm=2),),
+             "fp32": GRAD_TILE_CANDIDATES["fp32"]},
+}
+
+
 def _kind(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "low_precision"
 
 
-def forward_config(dtype: torch.dtype, stats: bool = False) -> TileConfig:
+def generation(device=None) -> str:
+    """``"hopper"`` (sm_90 and newer; also what CPU/meta counting assumes) or ``"ampere"`` (sm_8x)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return "hopper" if torch.cuda.get_device_capability(device)[0] >= 9 else "ampere"
+    return "hopper"
+
+
+def forward_config(dtype: torch.dtype, stats: bool = False, device=None) -> TileConfig:
+    """The forward statistics kernel's tile for this dtype and GPU generation (the first candidate)."""
     if interpreter_active():
         return _INTERPRETER
+    if not stats and generation(device) == "ampere":
+        return AMPERE_CANDIDATES["forward"][_kind(dtype)][0]
     return (STATS_FORWARD_CANDIDATES if stats else FORWARD_CANDIDATES)[_kind(dtype)][0]
 
 
-def grad_tile_config(dtype: torch.dtype, heavy: bool = False) -> TileConfig:
+def grad_tile_config(dtype: torch.dtype, heavy: bool = False, device=None) -> TileConfig:
     """The backward's and the frozen forward's tile; ``heavy``: with statistics or the entropy's gradient."""
     if interpreter_active():
         return _INTERPRETER
+    if not heavy and generation(device) == "ampere":
+        return AMPERE_CANDIDATES["grad"][_kind(dtype)][0]
     return (STATS_GRAD_TILE_CANDIDATES if heavy else GRAD_TILE_CANDIDATES)[_kind(dtype)][0]
 
 

@@ -102,7 +102,7 @@ def logits_grad_tile(
     fp32 ``[mc]`` from the forward; ``grad`` (fp32 ``[mc]``): with it, also ``db_part [row blocks, vc]`` fp32.
     ``entropy``: ``(a, b, mean_shift)`` fp32 ``[mc]`` each, the two terms' row coefficients (module docstring)."""
     mc, D = rows.numel(), hidden.shape[1]
-    cfg = tile or grad_tile_config(hidden.dtype, heavy=entropy is not None)
+    cfg = tile or grad_tile_config(hidden.dtype, heavy=entropy is not None, device=hidden.device)
     dz = output_buffer((mc, vc), hidden.dtype, hidden.device)
     row_blocks, vocab_tiles = triton.cdiv(mc, cfg.block_m), triton.cdiv(vc, cfg.block_v)
     compute_db = grad is not None

@@ -6,16 +6,20 @@
 import triton
 import triton.language as tl
 
-from .scalar_math import expm1
-
-
 @triton.jit
 def tanh(x):
-    """``tanh(x) = -expm1(-2|x|) / (2 + expm1(-2|x|))``, sign restored: no overflow, exact limits, no libdevice,
-    and no cancellation at small ``|x|`` (``(1 - e^{-2|x|}) / (1 + e^{-2|x|})`` loses ``2^-24 / |x|`` relative
-    there: 4e-6 nats in the logits at softcap 30, 4e-4 at 1e4)."""
-    em = expm1(-2.0 * tl.abs(x))
-    t = -em / (2.0 + em)
+    """tanh with fp32 accuracy everywhere (max relative error 2.6e-7, checked against float64 over 1e-8..30),
+    no overflow, no libdevice (the same code runs on the GPU and in the CPU interpreter). ``(1 - e) / (1 + e)``
+    with ``e = exp(-2|x|)`` cancels at small ``|x|`` (it lost ``2^-24 / |x|`` relative: 4e-4 nats in the logits at
+    softcap 1e4), so below ``|x| = 0.3`` the odd Taylor series to ``x^11`` takes over; a few FMAs, unlike an
+    ``expm1``, which pushed the softcap variants into register spills."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    large = (1.0 - e) / (1.0 + e)
+    s = a * a
+    small = a * (1.0 + s * (-0.3333333333333333 + s * (0.13333333333333333 + s * (-0.05396825396825397 + s * (
+        0.021869488536155203 + s * -0.008863235529902197)))))
+    t = tl.where(a < 0.3, small, large)
     return tl.where(x >= 0, t, -t)
 
 

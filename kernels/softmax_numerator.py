@@ -99,7 +99,7 @@ def softmax_numerator_tile(
     rows ``hidden[rows]`` and the columns ``[v_begin, v_begin + vc)``; ``ref`` fp32 ``[mc]``. With ``stats``, also
     ``(t1_part, t2_part, zsum_part, before_part, label_part)``."""
     mc, D = rows.numel(), hidden.shape[1]
-    cfg = tile or grad_tile_config(hidden.dtype, heavy=stats)
+    cfg = tile or grad_tile_config(hidden.dtype, heavy=stats, device=hidden.device)
     row_blocks, vocab_tiles = triton.cdiv(mc, cfg.block_m), triton.cdiv(vc, cfg.block_v)
     P = output_buffer((mc, vc), hidden.dtype, hidden.device)
     parts = [output_buffer((vocab_tiles, mc), torch.float32, hidden.device) for _ in range(7 if stats else 2)]

@@ -123,7 +123,7 @@ def vocab_logsumexp(
     tile configuration (``benchmarks.tune_head`` times the candidates).
     """
     M, (V, D) = rows.numel(), weight.shape
-    cfg = tile or forward_config(hidden.dtype, stats)
+    cfg = tile or forward_config(hidden.dtype, stats, hidden.device)
     row_blocks = triton.cdiv(M, cfg.block_m)
     vocab_tiles = triton.cdiv(V, cfg.block_v)
     if num_splits is None:

@@ -51,15 +51,38 @@ def _attrs(fn, signature):
     return attrs
 
 
-def compile_one(name, fn, pointers, scalars, constexprs, num_warps=4, num_stages=2):
+JOBS: list = []
+
+
+def compile_one(name, fn, pointers, scalars, constexprs, num_warps=4, num_stages=2, target=None):
+    """Queue one variant (compiled in parallel by :func:`run_jobs`)."""
+    JOBS.append((name, fn.fn.__module__, fn.fn.__name__, dict(pointers), dict(scalars), dict(constexprs), num_warps,
+                 num_stages, (target or TARGET).arch))
+
+
+def _compile_job(job) -> dict:
+    import importlib
+
+    name, module, attr, pointers, scalars, constexprs, num_warps, num_stages, arch = job
+    fn = getattr(importlib.import_module(module), attr)
     sig = dict(pointers)
     sig.update(scalars)
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=_attrs(fn, {**pointers, **scalars}))
-    kernel = triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     row = {"kernel": name, "shared": getattr(getattr(kernel, "metadata", None), "shared", None)}
     row.update(resource_usage(kernel.asm.get("cubin")))
-    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_jobs() -> None:
+    """Compile every queued variant on all cores; one JSON line each (a compile error propagates)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for row in pool.map(_compile_job, JOBS):
+            print(json.dumps(row), flush=True)
 
 
 def resource_usage(cubin) -> dict:
@@ -157,6 +180,35 @@ def head_kernels():
                              "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 8, 3)
 
 
+def ampere_kernels():
+    """The plain forward and gradient tiles the launchers pick on an A100 (sm_80), compiled for sm_80."""
+    target = GPUTarget("cuda", 80, 32)
+    for dtype in (torch.bfloat16, torch.float16):
+        t = DTYPES[dtype]
+        for bias, cap in ((False, False), (True, True)):
+            common = {"HAS_BIAS": bias, "HAS_SOFTCAP": cap, "UPCAST": False, "DOT_PRECISION": "tf32"}
+            for cfg in config.AMPERE_CANDIDATES["forward"]["low_precision"]:
+                compile_one(f"sm80 vocab_logsumexp {t} bias={bias} softcap={cap} {cfg.block_m}x{cfg.block_v}x"
+                            f"{cfg.block_d} w{cfg.num_warps} s{cfg.num_stages}", VL._vocab_logsumexp_kernel,
+                            {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                             **{n: "*fp32" for n in ("MAX_PART", "SUM_PART", "T1_PART", "T2_PART", "ZSUM_PART",
+                                                     "BEFORE_PART", "LABEL_PART")}},
+                            {"M": "i32", "V": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
+                             "cols_per_split": "i32", "num_splits": "i32", "scale": "fp32", "softcap": "fp32"},
+                            {**common, "STATS": False, "GROUP_M": cfg.group_m, **_tile(cfg)},
+                            cfg.num_warps, cfg.num_stages, target)
+            for cfg in config.AMPERE_CANDIDATES["grad"]["low_precision"]:
+                compile_one(f"sm80 logits_grad {t} bias={bias} softcap={cap}", LG_._logits_grad_kernel,
+                            {"H": f"*{t}", "W": f"*{t}", "B": f"*{t}", "ROWS": "*i64", "LABELS": "*i64",
+                             **{n: "*fp32" for n in ("MAXS", "LOGSUMS", "LPS", "GRAD", "COEF_A", "COEF_B",
+                                                     "MEAN_SHIFT")}, "DZ": f"*{t}", "DB_PART": "*fp32"},
+                            {"M": "i32", "v_begin": "i32", "vc": "i32", "D": "i32", "stride_h": "i32",
+                             "stride_w": "i32", "stride_dz": "i32", "scale": "fp32", "softcap": "fp32",
+                             "dz_scale": "fp32"},
+                            {**common, "COMPUTE_DB": bias, "ENTROPY": False, **_tile(cfg)},
+                            cfg.num_warps, cfg.num_stages, target)
+
+
 def pro_scalar_tiles():
     """Every ``(BLOCK_K, BLOCK_J)`` ``loss_grouped.pro_scalar_loss`` can pick (groups of 2 .. MAX_GROUP rows)."""
     return sorted({LG.group_tile(k) for k in range(2, LG.MAX_GROUP + 1)})
@@ -183,5 +235,7 @@ if __name__ == "__main__":
     which = sys.argv[1] if len(sys.argv) > 1 else "all"
     if which in ("all", "head"):
         head_kernels()
+        ampere_kernels()
     if which in ("all", "loss"):
         loss_kernels()
+    run_jobs()

@@ -12,6 +12,8 @@ the Trainer's learning-rate schedule, stepped at the same points as the model's.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -97,7 +99,10 @@ class ReplicatedParameters(TrainerCallback):
         if self.optimizer is not None:
             if usable:  # a dropped step (non-finite gradients) moves none of them, as the model's
                 self.optimizer.step()
-            self.scheduler.step()
+            with warnings.catch_warnings():  # the schedule advances with the Trainer's even on a dropped step, which
+                # torch reports as "lr_scheduler.step() before optimizer.step()" when it is the first one
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         for p in self.params:

@@ -36,6 +36,10 @@ def reference_argument_names():
 class FusedHeadLoss(nn.Module):
     """Base class: holds the fused-head options and runs the policy and reference passes.
 
+    The passes return their per-sequence totals in float64 (``totals_dtype=torch.float64``): a loss head takes
+    differences of totals of thousands of nats, where one fp32 rounding each would cost ~1e-5 of loss; the loss
+    heads therefore run their PyTorch expression in float64 ([S] scalars: nothing next to the head).
+
     Args:
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`fastpref.sequence_logprobs`).
         ignore_index: label value of rows that are not scored.
@@ -78,7 +82,8 @@ class FusedHeadLoss(nn.Module):
         """One fused pass; differentiable when autograd is on and an input requires grad."""
         return sequence_logprobs(hidden, weight, labels, self._segments(segment_ids), bias=bias,
                                  ignore_index=self.ignore_index, logit_scale=self.logit_scale, softcap=self.softcap,
-                                 cu_seqlens=cu_seqlens, backend=self.backend, validate=self.validate)
+                                 cu_seqlens=cu_seqlens, backend=self.backend, validate=self.validate,
+                                 totals_dtype=torch.float64)
 
     def reference_logps(self, ref_hidden, ref_weight, labels, segment_ids=None, *, ref_bias=None, cu_seqlens=None,
                         ref_logps: Optional[SequenceLogProbs] = None) -> SequenceLogProbs:
