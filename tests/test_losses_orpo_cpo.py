@@ -222,7 +222,7 @@ def _fastpref(module, h, w, b, labels, seg):
 
 def _compare(trl_side, mine, names):
     (loss, grads, metrics), (my_loss, my_grads, my_metrics) = trl_side, mine
-    torch.testing.assert_close(my_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(my_loss.double(), loss.double(), rtol=1e-5, atol=1e-6)  # modules: float64 totals
     for got, want in zip(my_grads, grads):
         if want is not None:
             assert rel_err(got, want) < 1e-5
@@ -258,7 +258,8 @@ def test_orpo_module_matches_trl_orpo_trainer(backend):
 def test_orpo_module_nll_on_the_response_by_default():
     h, w, b, labels, seg, _ = _token_batch(7)
     loss, metrics = fastpref.ORPOLoss(backend="torch")(h, w, labels, seg, bias=b)
-    lp = fastpref.sequence_logprobs(h, w, labels, torch.where(seg == 1, 0, seg), bias=b, backend="torch")
+    lp = fastpref.sequence_logprobs(h, w, labels, torch.where(seg == 1, 0, seg), bias=b, backend="torch",
+                                    totals_dtype=torch.float64)
     n = lp.response.numel() // 2
     torch.testing.assert_close(metrics["nll_loss"], -lp.response[:n].sum() / lp.n_response[:n].sum())
 
@@ -270,7 +271,8 @@ def test_dpo_and_simpo_modules_add_the_nll_term(module_cls):
     kwargs = dict(ref_hidden=href, ref_weight=w, ref_bias=b) if module_cls is fastpref.DPOLoss else {}
     plain, _ = module_cls(backend="torch")(h, w, labels, seg, bias=b, **kwargs)
     with_nll, metrics = module_cls(nll_weight=0.7, backend="torch")(h, w, labels, seg, bias=b, **kwargs)
-    lp = fastpref.sequence_logprobs(h, w, labels, torch.where(seg == 1, 0, seg), bias=b, backend="torch")
+    lp = fastpref.sequence_logprobs(h, w, labels, torch.where(seg == 1, 0, seg), bias=b, backend="torch",
+                                    totals_dtype=torch.float64)
     n = lp.response.numel() // 2
     nll = -lp.response[:n].sum() / lp.n_response[:n].sum()
     torch.testing.assert_close(with_nll, plain + 0.7 * nll)

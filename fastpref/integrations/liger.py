@@ -28,7 +28,8 @@ The ``*_logits_mean`` / ``*_logits_sum`` metrics are Liger's: over **every** pos
 prompt included) and the whole vocabulary. They are linear in the hidden states, so they are computed exactly as
 ``(sum_t h_t) . (sum_v W_v) + n b.sum()`` in float64, without a vocabulary pass.
 
-Returned metrics are detached tensors (Liger's are outputs of its autograd function that carry no gradient).
+The loss is computed in float64 from float64 per-sequence totals and returned in float32, as Liger returns it; the
+metrics are detached float32 tensors (Liger's are outputs of its autograd function that carry no gradient).
 """
 
 from __future__ import annotations
@@ -86,14 +87,15 @@ class _LigerLoss(nn.Module):
                              f"rejected), got {_input.shape[0]}")
 
     def _logps(self, _input, weight, target, bias, *, reference: bool = False) -> SequenceLogProbs:
-        """Summed token log-probs per row (a no-grad pass for the reference)."""
+        """Summed token log-probs per row, float64 totals (a no-grad pass for the reference)."""
         if reference:
             with torch.no_grad():
                 return sequence_logprobs(_input.detach(), weight.detach(), target,
                                          bias=None if bias is None else bias.detach(),
-                                         ignore_index=self.ignore_index, backend=self.backend)
+                                         ignore_index=self.ignore_index, backend=self.backend,
+                                         totals_dtype=torch.float64)
         return sequence_logprobs(_input, weight, target, bias=bias, ignore_index=self.ignore_index,
-                                 backend=self.backend)
+                                 backend=self.backend, totals_dtype=torch.float64)
 
     def _chosen_nll(self, _input, weight, target, bias, nll_target=None, pol: Optional[SequenceLogProbs] = None):
         """Liger's NLL: the chosen rows' summed token NLL over the number of chosen targets not ``ignore_index``.
@@ -108,7 +110,7 @@ class _LigerLoss(nn.Module):
                                  f"{tuple(target.shape)}")
             rows = _input[:half].reshape(1, -1, _input.shape[-1])
             nll = sequence_logprobs(rows, weight, nll_target[:half].reshape(1, -1), bias=bias,
-                                    ignore_index=self.ignore_index, backend=self.backend)
+                                    ignore_index=self.ignore_index, backend=self.backend, totals_dtype=torch.float64)
             total, count = nll.response.sum(), nll.n_response.sum()
         return -total / count
 
@@ -211,14 +213,18 @@ class LigerFusedLinearDPOLoss(_LigerLoss):
         if nll is not None:
             loss = loss + self.alpha * nll
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias)
-        with torch.no_grad():
-            metrics = (cw.detach(), cl.detach(), chosen_mean, rejected_mean,
-                       _zero_or(nll, loss), self.beta * (cw - rw).detach(), self.beta * (cl - rl).detach())
-        return loss, metrics
+        metrics = (cw, cl, chosen_mean, rejected_mean, _zero_or(nll, loss), self.beta * (cw - rw),
+                   self.beta * (cl - rl))
+        return _liger_dtypes(loss, metrics)
 
 
 def _zero_or(nll: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=like.device) if nll is None else nll.detach()
+
+
+def _liger_dtypes(loss: torch.Tensor, metrics: tuple) -> tuple:
+    """Liger's dtypes: a float32 loss (computed here in float64 from float64 totals) and detached float32 metrics."""
+    return loss.float(), tuple(m.detach().float() for m in metrics)
 
 
 class LigerFusedLinearCPOLoss(_LigerLoss):
@@ -257,9 +263,8 @@ class LigerFusedLinearCPOLoss(_LigerLoss):
         if nll is not None:
             loss = loss + self.alpha * nll
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias)
-        metrics = (cw.detach(), cl.detach(), chosen_mean, rejected_mean, _zero_or(nll, loss),
-                   self.beta * cw.detach(), self.beta * cl.detach())
-        return loss, metrics
+        metrics = (cw, cl, chosen_mean, rejected_mean, _zero_or(nll, loss), self.beta * cw, self.beta * cl)
+        return _liger_dtypes(loss, metrics)
 
 
 class LigerFusedLinearSimPOLoss(_LigerLoss):
@@ -298,7 +303,7 @@ class LigerFusedLinearSimPOLoss(_LigerLoss):
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias)
         metrics = (avg[:half], avg[half:], chosen_mean, rejected_mean, _zero_or(nll, loss),
                    self.beta * avg[:half], self.beta * avg[half:])
-        return loss, metrics
+        return _liger_dtypes(loss, metrics)
 
 
 class LigerFusedLinearORPOLoss(_LigerLoss):
@@ -333,7 +338,7 @@ class LigerFusedLinearORPOLoss(_LigerLoss):
         chosen_mean, rejected_mean = _logits_means(_input, lin_weight, bias)
         metrics = (avg[:half], avg[half:], chosen_mean, rejected_mean, _zero_or(nll, loss),
                    self.beta * avg[:half], self.beta * avg[half:], m["log_odds_ratio"], m["log_odds_chosen"])
-        return loss, metrics
+        return _liger_dtypes(loss, metrics)
 
 
 class LigerFusedLinearKTOLoss(_LigerLoss):
@@ -404,4 +409,4 @@ class LigerFusedLinearKTOLoss(_LigerLoss):
             metrics = ((lp * labels).sum(), (lp * ~labels).sum(),
                        logits_sum(_input, lin_weight, bias, labels), logits_sum(_input, lin_weight, bias, ~labels),
                        (rewards * labels).sum(), (rewards * ~labels).sum())
-        return loss, metrics
+        return _liger_dtypes(loss, metrics)
