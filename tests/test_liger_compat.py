@@ -1,10 +1,11 @@
 """``fastpref.integrations.liger``: the Liger-convention classes against Liger's own classes (liger-kernel, eager on
 the CPU: ``compiled=False``) on Liger's test shapes and data (its ``test/chunked_loss`` tests, fp32): loss, every
-returned metric in Liger's order, and the gradients to the input, the head weight and bias. Loss and gradients are
-held tighter than Liger's own tolerance (``atol=1e-5, rtol=5e-4``): the two differ by fp32 rounding only (measured:
-loss 4e-6 relative, where Liger is 4e-6 and fastpref 2e-7 from float64; gradients within 1e-5 in ``||g - g_liger|| / ||g_liger||``). Metrics get Liger's tolerance: Liger sums ~1e4-nat token
-log-probs in fp32 (4e-4 absolute rounding at the big shape, and rewards subtract two such sums), fastpref in
-float64."""
+returned metric in Liger's order, and the gradients to the input, the head weight and bias.
+
+Loss and gradients are held tighter than Liger's own tolerance (``atol=1e-5, rtol=5e-4``): the two differ by fp32
+rounding only (measured: loss 4e-6 relative, where Liger is 4e-6 and fastpref 2e-7 from float64; gradients within
+1e-5 in ``||g - g_liger|| / ||g_liger||``). Metrics get Liger's tolerance: Liger sums ~1e4-nat token log-probs in
+fp32 (4e-4 absolute rounding at the big shape, and rewards subtract two such sums), fastpref in float64."""
 
 from __future__ import annotations
 

@@ -10,5 +10,5 @@ from .orpo import ORPOLoss
 from .pro import PROLoss
 from .typo import TYPOLoss
 
-__all__ = ["AuxDPOLoss", "CPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "FusedHeadLoss", "ORPOLoss", "PROLoss", "SimPOLoss",
-           "TYPOLoss"]
+__all__ = ["AuxDPOLoss", "CPOLoss", "DPOLoss", "DRDOLoss", "DROLoss", "FusedHeadLoss", "ORPOLoss", "PROLoss",
+           "SimPOLoss", "TYPOLoss"]
