@@ -651,6 +651,42 @@ class _Snapshots(TrainerCallback):
         self.params.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
 
+def overflow_hidden_during_step(trainer, step):
+    """Every grad-enabled forward of the policy's backbone gets inf hidden states during optimizer step ``step``
+    (0-based), whatever number of forwards the trainer runs per step."""
+    backbone = find_causal_lm(trainer.model).model
+
+    def hook(module, args, output):
+        if not torch.is_grad_enabled() or trainer.state.global_step != step:
+            return None
+        hidden = output.last_hidden_state.clone()
+        hidden[:, :, 0] = float("inf")
+        output.last_hidden_state = hidden
+        return output
+
+    return backbone.register_forward_hook(hook)
+
+
+def assert_overflowing_second_step_is_skipped(trainer, snapshots, caplog):
+    """Trains ``trainer`` (3 steps, ``snapshots`` among its callbacks) with the second step's forward overflowing:
+    that step moves nothing, the third trains, and the logs count the skipped step."""
+    assert trainer.accelerator.scaler is None and trainer.args.max_steps == 3
+    handle = overflow_hidden_during_step(trainer, step=1)
+    try:
+        with caplog.at_level("WARNING", logger="fastpref"):
+            trainer.train()
+    finally:
+        handle.remove()
+    first, second, third = snapshots.params
+    for name in first:
+        assert torch.equal(first[name], second[name]), name  # step 2 skipped: nothing moved
+        assert torch.isfinite(third[name]).all(), name
+    assert any(not torch.equal(second[n], third[n]) for n in first)  # step 3 trained
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e.get("skipped_steps", 0) for e in logs] == [0, 1, 1]
+    assert "skipped" in caplog.text and "non-finite" in caplog.text
+
+
 def _overflow_hidden_at(backbone, calls):
     """The backbone's last hidden state gets an inf in the policy forwards (grad enabled) numbered ``calls``."""
     count = [0]

@@ -18,7 +18,16 @@ with warnings.catch_warnings():
 from fastpref.integrations._hf_utils import find_causal_lm  # noqa: E402
 from fastpref.integrations.transformers import is_patched  # noqa: E402
 from fastpref.trainers import FastPrefCPOTrainer, FastPrefORPOTrainer  # noqa: E402
-from test_integration_trl import CHECKPOINTING, GradRecorder, _dataset, _model, _rel, tokenizer  # noqa: E402,F401
+from test_integration_trl import (  # noqa: E402,F401
+    CHECKPOINTING,
+    GradRecorder,
+    _dataset,
+    _model,
+    _rel,
+    _Snapshots,
+    assert_overflowing_second_step_is_skipped,
+    tokenizer,
+)
 
 
 def _config(cls, tmp_path, **kwargs):
@@ -120,3 +129,13 @@ def test_softcapped_head_logits_metric_matches_stock(tokenizer, tmp_path):
     stock, fast = results
     for key in ("eval_logits/chosen", "eval_logits/rejected", "eval_loss", "eval_nll_loss"):
         assert math.isclose(fast[key], stock[key], rel_tol=1e-5, abs_tol=1e-6), (key, fast[key], stock[key])
+
+
+@pytest.mark.parametrize("trainer_cls, config_cls", [(FastPrefCPOTrainer, CPOConfig),
+                                                     (FastPrefORPOTrainer, ORPOConfig)])
+def test_pure_fp16_overflowing_forward_skips_the_step(trainer_cls, config_cls, tokenizer, tmp_path, caplog):
+    """Where stock applies the NaN update, the overflowing step is skipped and counted, and training goes on."""
+    snapshots = _Snapshots()
+    trainer = trainer_cls(model=_model(0).half(), args=_config(config_cls, tmp_path, max_steps=3),
+                          train_dataset=_dataset(), processing_class=tokenizer, callbacks=[snapshots])
+    assert_overflowing_second_step_is_skipped(trainer, snapshots, caplog)

@@ -19,7 +19,16 @@ from trl import KTOConfig, KTOTrainer  # noqa: E402
 from fastpref.integrations._hf_utils import find_causal_lm  # noqa: E402
 from fastpref.integrations.transformers import is_patched  # noqa: E402
 from fastpref.trainers import FastPrefKTOTrainer  # noqa: E402
-from test_integration_trl import CHECKPOINTING, GradRecorder, _model, _rel, _rows, tokenizer  # noqa: E402,F401
+from test_integration_trl import (  # noqa: E402,F401
+    CHECKPOINTING,
+    GradRecorder,
+    _model,
+    _rel,
+    _rows,
+    _Snapshots,
+    assert_overflowing_second_step_is_skipped,
+    tokenizer,
+)
 
 SKIP = ("epoch", "step", "learning_rate", "grad_norm")
 
@@ -127,3 +136,12 @@ def test_kto_without_ref_model_copies_the_policy(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="fastpref_backend"):
         FastPrefKTOTrainer(model=model, args=_config(tmp_path), train_dataset=_unpaired(),
                            processing_class=tokenizer, fastpref_backend="cuda")
+
+
+def test_pure_fp16_overflowing_forward_skips_the_step(tokenizer, tmp_path, caplog):
+    """Where stock KTOTrainer applies the NaN update, the overflowing step is skipped and counted."""
+    snapshots = _Snapshots()
+    model = _model(0).half()
+    trainer = FastPrefKTOTrainer(model=model, ref_model=copy.deepcopy(model), args=_config(tmp_path, max_steps=3),
+                                 train_dataset=_unpaired(), processing_class=tokenizer, callbacks=[snapshots])
+    assert_overflowing_second_step_is_skipped(trainer, snapshots, caplog)

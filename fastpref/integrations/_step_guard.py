@@ -26,7 +26,7 @@ holds it back for its own scaler). Evaluation does not skip: a non-finite forwar
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -51,8 +51,8 @@ def _all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 class NonFiniteStepGuard(TrainerCallback):
     """Skips optimizer steps whose gradients are not finite (see the module docstring); one per trainer.
 
-    ``trainer`` needs ``optimizer``, ``accelerator``, ``state`` and a ``_metrics`` dict of per-mode lists (the
-    fastpref trainers and TRL's have one): ``_metrics["train"]["skipped_steps"]`` holds the count once a step was
+    ``trainer`` needs ``optimizer``, ``accelerator``, ``state`` and a ``_metrics`` (or ``_stored_metrics``) dict of
+    per-mode lists (the fastpref trainers and TRL's have one): ``_metrics["train"]["skipped_steps"]`` holds the count once a step was
     skipped, so every later log shows it.
     """
 
@@ -61,6 +61,18 @@ class NonFiniteStepGuard(TrainerCallback):
         self.skipped = 0
 
     # ------------------------------------------------------------------------------------------ the forward
+
+    def loss_or_skip(self, model: nn.Module, compute: Callable[[], Any], *, training: bool, skipped: Any = None):
+        """``compute()``; when it raises :class:`NonFiniteError` in training, :meth:`overflow_loss` instead (or
+        ``(overflow_loss, *skipped)`` when ``skipped`` is a tuple of what else ``compute`` would have returned).
+        Outside training the error propagates: evaluation does not skip."""
+        try:
+            return compute()
+        except NonFiniteError as exc:
+            if not training:
+                raise
+            loss = self.overflow_loss(model, exc)
+            return loss if skipped is None else (loss, *skipped)
 
     def overflow_loss(self, model: nn.Module, error: NonFiniteError) -> torch.Tensor:
         """The training loss to return in place of one whose forward raised ``error``: NaN, with a NaN gradient for
@@ -108,4 +120,8 @@ class NonFiniteStepGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.skipped:
-            self.trainer._metrics["train"][SKIPPED_STEPS] = [float(self.skipped)]
+            # TRL's DPO/KTO trainers and fastpref's keep ``_metrics``; TRL's CPO/ORPO keep ``_stored_metrics``
+            metrics = getattr(self.trainer, "_metrics", None)
+            if metrics is None:
+                metrics = self.trainer._stored_metrics
+            metrics["train"][SKIPPED_STEPS] = [float(self.skipped)]

@@ -28,7 +28,9 @@ MoE models: the router load-balancing loss is added as TRL's trainers add the mo
 
 Refused at construction: encoder-decoder models (the patch serves decoder-only ``*ForCausalLM``), and labels that are
 not the input ids (a custom collator: the fused head scores ``input_ids`` shifted by one, as TRL's
-``get_batch_logps`` does with TRL's own collator). A non-finite forward raises, as stock's NaN loss would not.
+``get_batch_logps`` does with TRL's own collator). A training step whose forward or gradients are not finite (pure
+fp16) is skipped and counted in the logged ``skipped_steps``, as in :class:`~fastpref.trainers.FastPrefDPOTrainer`,
+where stock applies the NaN update; in evaluation a non-finite forward raises.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from ..logprobs import BACKENDS
 from ..losses.cpo import cpo_loss
 from ..losses.orpo import orpo_loss
 from ..integrations._hf_utils import find_causal_lm, head_parameters, resolve_head
+from ..integrations._step_guard import NonFiniteStepGuard
 from ..integrations._trl_utils import capture_backbone_hidden
 from ..integrations.transformers import _STATE, patch
 from .dpo import _router_aux_loss
@@ -81,6 +84,8 @@ class _FusedPairLoss:
             raise NotImplementedError(f"{type(self).__name__}: encoder-decoder models are not supported (the fused "
                                       "head patches decoder-only *ForCausalLM models)")
         self._fastpref_patch(self.model)
+        self._fastpref_guard = NonFiniteStepGuard(self)  # overflowing steps are skipped, as a GradScaler would
+        self.add_callback(self._fastpref_guard)
 
     def _fastpref_patch(self, model: nn.Module) -> None:
         lm = find_causal_lm(self.accelerator.unwrap_model(model))
@@ -110,7 +115,14 @@ class _FusedPairLoss:
         return ids, attention, segments, B
 
     def get_batch_loss_metrics(self, model, batch: dict, train_eval: Literal["train", "eval"] = "train"):
-        """TRL's loss and metrics (``get_batch_loss_metrics``) from one fused forward."""
+        """TRL's loss and metrics (``get_batch_loss_metrics``) from one fused forward. In training, a forward that
+        overflows (:class:`fastpref.NonFiniteError`) gives a NaN loss, no metrics, and its optimizer step is
+        skipped (:mod:`fastpref.integrations._step_guard`)."""
+        return self._fastpref_guard.loss_or_skip(
+            model, lambda: self._fused_loss_metrics(model, batch, train_eval),
+            training=train_eval == "train" and self.model.training, skipped=({},))
+
+    def _fused_loss_metrics(self, model, batch: dict, train_eval: str):
         ids, attention, segments, B = self._batch_rows(batch)
         self._fastpref_patch(model)
         unwrapped = self.accelerator.unwrap_model(model)

@@ -183,7 +183,7 @@ from ..losses.nll import nll_loss
 from ..losses.pro import DEFAULT_ETA, PRO_HYPER_RESPONSE, pro_loss
 from ..losses.typo import typo_loss
 from ..integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
-from ..integrations._step_guard import NonFiniteError, NonFiniteStepGuard
+from ..integrations._step_guard import NonFiniteStepGuard
 from ..integrations._trl_utils import (
     ExtraColumnsCollator,
     capture_backbone_hidden,
@@ -544,12 +544,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         """TRL's loss (or the selected method's) from fused log-probs. In training, a forward that overflows
         (:class:`fastpref.NonFiniteError`) gives a NaN loss and its optimizer step is skipped
         (:mod:`fastpref.integrations._step_guard`)."""
-        try:
-            return self._fastpref_loss(model, inputs, return_outputs)
-        except NonFiniteError as exc:
-            if not self.model.training or return_outputs:
-                raise
-            return self._fastpref_guard.overflow_loss(model, exc)
+        return self._fastpref_guard.loss_or_skip(model, lambda: self._fastpref_loss(model, inputs, return_outputs),
+                                                 training=self.model.training and not return_outputs)
 
     def _fastpref_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"

@@ -46,7 +46,7 @@ except ImportError as exc:  # pragma: no cover - trl is an optional dependency
     raise ImportError(f"fastpref.trainers.kto needs TRL: {install_hint('trl')}") from exc
 
 from ..integrations._hf_utils import find_causal_lm, is_peft_model, reference_adapter
-from ..integrations._step_guard import NonFiniteError, NonFiniteStepGuard
+from ..integrations._step_guard import NonFiniteStepGuard
 from ..integrations._trl_utils import model_inputs_without_mask, no_gradient_checkpointing
 from ..integrations.transformers import _STATE, patch
 from ..logprobs import BACKENDS
@@ -151,12 +151,8 @@ class FastPrefKTOTrainer(KTOTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's KTO loss from fused log-probs; an overflowing training forward skips its step."""
-        try:
-            return self._fastpref_loss(model, inputs, return_outputs)
-        except NonFiniteError as exc:
-            if not self.model.training or return_outputs:
-                raise
-            return self._fastpref_guard.overflow_loss(model, exc)
+        return self._fastpref_guard.loss_or_skip(model, lambda: self._fastpref_loss(model, inputs, return_outputs),
+                                                 training=self.model.training and not return_outputs)
 
     def _fastpref_loss(self, model, inputs, return_outputs=False):
         mode = "train" if self.model.training else "eval"
