@@ -78,7 +78,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 try:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 except ImportError as exc:  # pragma: no cover - transformers is an optional dependency
     from .._hints import install_hint
 
@@ -93,6 +93,7 @@ from .collators import (
     ScalarFeedbackCollator,
     TYPOCollator,
 )
+from ..distributed.replicated import ReplicatedParameters
 from ..distributed.wrappers import whole_shape
 from ..integrations._hf_utils import find_causal_lm, head_parameters, is_peft_model, reference_adapter, resolve_head
 from ..integrations._trl_utils import (
@@ -253,8 +254,10 @@ class FastPrefTrainer(Trainer):
             self.ref_model.to(self.args.device)
         for module, _ in self._owned.values():
             module.to(self.args.device)
-        if self._owned:
-            self.add_callback(_OwnedParameterGradients(self))
+        if self._owned:  # replicated on every rank: gradients averaged over the ranks before each step, cleared
+            # after it (the Trainer clears only the model's and DDP averages only the model's)
+            self.add_callback(ReplicatedParameters(self.owned_parameters(), self._owned_param_groups,
+                                                   own_optimizer=False))
 
     # ----------------------------------------------------------------------------------------- subclass hooks
 
@@ -379,16 +382,24 @@ class FastPrefTrainer(Trainer):
         """The trainable parameters of the trainer-owned modules (see the module docstring)."""
         return [p for module, _ in self._owned.values() for p in module.parameters() if p.requires_grad]
 
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    def _owned_param_groups(self, exclude: frozenset = frozenset()) -> list[dict]:
+        """One optimizer group per trainer-owned module (its own learning rate where it has one, no weight decay),
+        leaving out the parameters whose ``id`` is in ``exclude``."""
+        groups = []
         for module, lr in self._owned.values():
-            params = [p for p in module.parameters() if p.requires_grad and id(p) not in present]
+            params = [p for p in module.parameters() if p.requires_grad and id(p) not in exclude]
             if params:
                 group = {"params": params, "weight_decay": 0.0}
                 if lr is not None:
                     group["lr"] = lr
-                optimizer.add_param_group(group)
+                groups.append(group)
+        return groups
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        present = frozenset(id(p) for group in optimizer.param_groups for p in group["params"])
+        for group in self._owned_param_groups(present):
+            optimizer.add_param_group(group)
         return optimizer
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -639,28 +650,6 @@ class TYPOTrainer(FastPrefTrainer):
 
 
 # --------------------------------------------------------------------------------------------- owned parameters
-
-
-class _OwnedParameterGradients(TrainerCallback):
-    """The Trainer zeroes only the model's gradients after each optimizer step, and DDP averages only the model's:
-    this does both for the trainer-owned modules (reward heads, AuxDPO's offsets), which no wrapper sees."""
-
-    def __init__(self, trainer: FastPrefTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        world = self.trainer.accelerator.num_processes
-        if world > 1:
-            import torch.distributed as dist
-
-            for p in self.trainer.owned_parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        for p in self.trainer.owned_parameters():
-            p.grad = None
 
 
 # --------------------------------------------------------------------------------------------- reward heads
