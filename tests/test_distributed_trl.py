@@ -1,5 +1,5 @@
 """FastPrefDPOTrainer on 2 CPU processes under accelerate: DDP, FSDP2 and DeepSpeed ZeRO-3, for dpo, auxdpo and
-drdo, against the same two steps in one process accumulating gradients over the two ranks' micro-batches
+drdo (and a feedback trainer, AuxDPOTrainer, under DDP), against the same two steps in one process accumulating gradients over the two ranks' micro-batches
 (tests/dist_workers/trl_step.py).
 
 Compared: the logged loss and log-probs, and every parameter after the steps, the model's and the trainer's own
@@ -71,7 +71,7 @@ def _compare(out_dir, mode, method, ranks, reference):
         worst = max(errors, key=errors.get)
         assert errors[worst] < PARAM_TOL, (worst, errors[worst])
         owned = [n for n in ref_params if n.startswith("fastpref_modules.")]
-        assert (method == "dpo") == (not owned)  # auxdpo / drdo: their own parameters are compared too
+        assert (method == "dpo") == (not owned)  # auxdpo / drdo / feedback: their own parameters are compared too
     return [res[method] for res in ranks]
 
 
@@ -80,6 +80,13 @@ def test_ddp(out_dir, ddp, reference, method):
     """Different pairs on each rank; the parameters end equal to one process on all pairs (DDP reduced the model's
     gradients, fastpref the trainer-owned ones; trl#7245: a fused head that skips DDP's sync would not)."""
     _compare(out_dir, "ddp", method, ddp, reference)
+
+
+def test_ddp_feedback_trainer(out_dir, ddp, reference):
+    """A feedback trainer (``AuxDPOTrainer``) under DDP: its ``delta_raw``, started from different values on each
+    rank, is rank 0's before the first step, and its gradient is averaged like the model's: every parameter ends
+    equal to one process."""
+    _compare(out_dir, "ddp", "feedback", ddp, reference)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -26,7 +26,8 @@ from tests.dist_workers.common import report, run_cases  # noqa: E402
 import torch  # noqa: E402
 
 MODE = sys.argv[1]  # reference | ddp | fsdp2 | zero3
-METHODS = sys.argv[2:] or ["dpo", "auxdpo", "drdo"]
+# "feedback": AuxDPOTrainer, a feedback trainer (run under reference and ddp only)
+METHODS = sys.argv[2:] or ["dpo", "auxdpo", "drdo"] + (["feedback"] if MODE in ("reference", "ddp") else [])
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 WORDS = [f"w{i}" for i in range(60)]
 PAIRS = 4
@@ -184,6 +185,39 @@ def step(method):
     return facts
 
 
+def feedback_step():
+    """``AuxDPOTrainer`` (a feedback trainer: ``transformers.Trainer``, its own ``delta_raw``), reference / ddp.
+    Each DDP rank starts ``delta_raw`` from different values and rank 0 holds the reference's: the trainer must
+    broadcast rank 0's before training and average the gradients after every backward."""
+    from transformers import TrainingArguments
+
+    from fastpref.trainers import AuxDPOTrainer
+
+    g = torch.Generator().manual_seed(7)
+    ids = lambda n: torch.randint(3, 64, (n,), generator=g).tolist()  # noqa: E731
+    data = [{"prompt_input_ids": ids(2 + i % 3), "chosen_input_ids": ids(2 + i % 2), "rejected_input_ids": ids(3)}
+            for i in range(PAIRS)]
+    args = TrainingArguments(output_dir=os.path.join(os.environ["FASTPREF_OUT"], f"{MODE}-feedback"),
+                             per_device_train_batch_size=PAIRS // 2, gradient_accumulation_steps=2 // WORLD,
+                             max_steps=2, report_to=[], save_strategy="no", logging_steps=1, learning_rate=0.5,
+                             optim="sgd", lr_scheduler_type="constant", seed=0, max_grad_norm=0.0, disable_tqdm=True,
+                             dataloader_num_workers=0, use_cpu=True, remove_unused_columns=False)
+    trainer = AuxDPOTrainer(_model(), args, ref_model=_model(), train_dataset=data, beta=0.5, lambda_null=0.7,
+                            lambda_amp=0.05, delta_learning_rate=0.5, backend="torch")
+    rank = int(os.environ.get("RANK", "0"))
+    with torch.no_grad():
+        raw = trainer.offsets.delta_raw
+        raw.copy_(torch.randn(raw.shape, generator=torch.Generator().manual_seed(9 + rank)))
+    trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "loss" in entry)
+    facts = {"world": float(trainer.accelerator.num_processes)}
+    facts.update({k: float(log[k]) for k in ("loss", "logps/chosen", "logps/rejected")})
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    params["fastpref_modules.delta_raw"] = trainer.offsets.delta_raw.detach().clone()
+    torch.save(params, os.path.join(os.environ["FASTPREF_OUT"], f"{MODE}-feedback-rank{rank}.pt"))
+    return facts
+
+
 if __name__ == "__main__":
     if MODE == "fsdp2":
         _force_fsdp_on_cpu()
@@ -192,4 +226,7 @@ if __name__ == "__main__":
     if MODE == "reference":
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(name, None)
-    report(run_cases({m: (lambda m=m: step(m)) for m in METHODS}))
+    cases = {m: (lambda m=m: step(m)) for m in METHODS if m != "feedback"}
+    if "feedback" in METHODS:
+        cases["feedback"] = feedback_step
+    report(run_cases(cases))
