@@ -83,7 +83,7 @@ def _callback(device):
 def run_one(name, a, device, tokenizer, data, model):
     from trl import DPOConfig, DPOTrainer
 
-    from fastpref.integrations.trl import FastPrefDPOTrainer
+    from fastpref.trainers import FastPrefDPOTrainer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = DPOConfig(output_dir=out, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,

@@ -1,4 +1,4 @@
-"""AuxDPO (DPO with per-example offsets delta and the null-space penalty) with ``fastpref.trainer.AuxDPOTrainer``.
+"""AuxDPO (DPO with per-example offsets delta and the null-space penalty) with ``fastpref.trainers.AuxDPOTrainer``.
 
     python examples/auxdpo.py
 
@@ -13,8 +13,8 @@ import tempfile
 
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
-from fastpref.collators import tokenize_dataset
-from fastpref.trainer import AuxDPOTrainer
+from fastpref.trainers.collators import tokenize_dataset
+from fastpref.trainers import AuxDPOTrainer
 
 PAIRS = [
     {"prompt": "what color is the sky ?", "chosen": "blue .", "rejected": "green ."},

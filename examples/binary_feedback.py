@@ -1,4 +1,4 @@
-"""Binary feedback (thumbs up / down per completion): PRO-B and KTO with ``fastpref.trainer.BinaryFeedbackTrainer``.
+"""Binary feedback (thumbs up / down per completion): PRO-B and KTO with ``fastpref.trainers.BinaryFeedbackTrainer``.
 
     python examples/binary_feedback.py                 # both methods
     python examples/binary_feedback.py --method kto
@@ -14,8 +14,8 @@ import tempfile
 
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
-from fastpref.collators import tokenize_dataset
-from fastpref.trainer import BinaryFeedbackTrainer
+from fastpref.trainers.collators import tokenize_dataset
+from fastpref.trainers import BinaryFeedbackTrainer
 
 ROWS = [
     {"prompt": "what color is the sky ?", "completion": "blue .", "label": True},

@@ -1,5 +1,5 @@
 """Pairs with explicit rewards: DRDO (oracle rewards, trainable reward head) and e-DPO (reward distillation) with
-``fastpref.trainer.OracleRewardTrainer``.
+``fastpref.trainers.OracleRewardTrainer``.
 
     python examples/oracle_rewards.py                  # both methods
     python examples/oracle_rewards.py --method drdo
@@ -19,8 +19,9 @@ import tempfile
 
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
-from fastpref.collators import tokenize_dataset
-from fastpref.trainer import REWARD_HEAD_NAME, DRDOOracleTrainer, OracleRewardTrainer
+from fastpref.trainers.collators import tokenize_dataset
+from fastpref.trainers import DRDOOracleTrainer, OracleRewardTrainer
+from fastpref.trainers.feedback import REWARD_HEAD_NAME
 
 PAIRS = [
     ("what color is the sky ?", "blue .", "green .", 2.0, -1.0),

@@ -1,4 +1,4 @@
-"""Scalar feedback (K scored completions per prompt): PRO-S and DRO with ``fastpref.trainer.ScalarFeedbackTrainer``.
+"""Scalar feedback (K scored completions per prompt): PRO-S and DRO with ``fastpref.trainers.ScalarFeedbackTrainer``.
 
     python examples/scalar_feedback.py                 # both methods
     python examples/scalar_feedback.py --method dro
@@ -6,8 +6,8 @@
 Data: one row **per prompt** holding its K completions and their K rewards. The collator
 (``ScalarFeedbackCollator``) flattens each row into K sequences sharing a ``group_id``, so a batch always holds whole
 groups; ``per_device_train_batch_size`` counts prompts. (Data stored one completion per row: regroup it with
-``fastpref.collators.group_rows`` after tokenizing.) DRO also uses the prompt's log-prob, which the same fused pass
-returns (the collator marks prompt tokens with segment 1).
+``fastpref.trainers.collators.group_rows`` after tokenizing.) DRO also uses the prompt's log-prob, which the same
+fused pass returns (the collator marks prompt tokens with segment 1).
 """
 
 import argparse
@@ -15,8 +15,8 @@ import tempfile
 
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
-from fastpref.collators import tokenize_dataset
-from fastpref.trainer import ScalarFeedbackTrainer
+from fastpref.trainers.collators import tokenize_dataset
+from fastpref.trainers import ScalarFeedbackTrainer
 
 ROWS = [
     {"prompt": "what color is the sky ?", "completion": ["blue .", "white .", "green ."], "reward": [1.0, 0.4, -1.0]},

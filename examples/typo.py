@@ -1,4 +1,4 @@
-"""TYPO (preference pairs + reference-model samples) with ``fastpref.trainer.TYPOTrainer``.
+"""TYPO (preference pairs + reference-model samples) with ``fastpref.trainers.TYPOTrainer``.
 
     python examples/typo.py
 
@@ -14,9 +14,9 @@ import tempfile
 
 from _tiny import tiny_model, tiny_tokenizer, training_args
 
-from fastpref.collators import tokenize_dataset
+from fastpref.trainers.collators import tokenize_dataset
 from fastpref.sampling import sample_reference_responses
-from fastpref.trainer import TYPOTrainer
+from fastpref.trainers import TYPOTrainer
 
 PAIRS = [
     {"prompt": "what color is the sky ?", "chosen": "blue .", "rejected": "green ."},

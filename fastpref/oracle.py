@@ -66,9 +66,11 @@ def annotate_oracle_rewards(
         model: the oracle causal LM (patched here if it is not yet; its own ``forward`` is unchanged).
         reward_head: its reward head (``hidden_size -> 1``), e.g. ``DRDOOracleTrainer.reward_head``.
         dataset: pairs ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids", ...}``: a
-            ``datasets.Dataset`` or a list of dicts (tokenize text with :func:`fastpref.collators.tokenize_dataset`).
+            ``datasets.Dataset`` or a list of dicts (tokenize text with
+            :func:`fastpref.trainers.collators.tokenize_dataset`).
         batch_size: pairs per forward pass.
-        collator: how to pad (default :class:`fastpref.collators.PreferenceCollator` with the model's pad token).
+        collator: how to pad (default :class:`fastpref.trainers.collators.PreferenceCollator` with the model's pad
+            token).
         backend: the fused head's backend when ``model`` is patched here.
         columns: the names of the two reward columns (default ``oracle_chosen``, ``oracle_rejected``).
 

@@ -4,7 +4,8 @@ TYPO ("New Desiderata for Direct Preference Optimization", seed 002) adds ``lam 
 ``y_u`` sampled from the reference (SFT) model. The seed samples **one response per prompt** with temperature 1,
 ``top_k = 60``, ``top_p = 0.8``, at most 256 new tokens and repetition penalty 1.1: :data:`SEED_SETTINGS`, the
 defaults of :func:`sample_reference_responses`. Its output rows are TYPO's ``unsup`` examples, ready for
-:class:`fastpref.collators.TYPOCollator` / :class:`fastpref.trainers.TYPOTrainer` next to the preference pairs::
+:class:`fastpref.trainers.collators.TYPOCollator` / :class:`fastpref.trainers.TYPOTrainer` next to the preference
+pairs::
 
     from fastpref.sampling import sample_reference_responses
 
@@ -102,7 +103,8 @@ def sample_reference_responses(
         batch_size: prompts per ``generate`` call (left-padded).
         seed: seeds the sampling (the global RNG state is restored afterwards); None uses the current RNG.
         pad_token_id, eos_token_id: default: the tokenizer's, else the model's generation config / config. The
-            completion stops after the first EOS (kept, as :func:`fastpref.collators.tokenize_example` appends it).
+            completion stops after the first EOS (kept, as :func:`fastpref.trainers.collators.tokenize_example`
+            appends it).
         **generate_kwargs: passed to ``model.generate``.
 
     Returns:

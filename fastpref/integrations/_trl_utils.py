@@ -1,4 +1,4 @@
-"""Helpers for :mod:`fastpref.integrations.trl`: batch layout, reference contexts, extra data columns.
+"""Helpers for :mod:`fastpref.trainers.dpo`: batch layout, reference contexts, extra data columns.
 
 Nothing here imports TRL's private helpers; the small context managers TRL uses for the reference forward
 (``use_adapter``, ``disable_gradient_checkpointing``) are re-implemented so that a TRL release that moves or

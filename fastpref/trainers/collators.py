@@ -142,8 +142,8 @@ def _field(example: Mapping, name: str, index: int, who: str, expected: Sequence
     if name not in example or example[name] is None:
         raise ValueError(
             f"{who}: example {index} has no column {name!r} (has {sorted(example)}; this layout needs "
-            f"{', '.join(map(repr, expected))}). Tokenize text columns with fastpref.collators.tokenize_dataset, and "
-            "keep `remove_unused_columns=False`."
+            f"{', '.join(map(repr, expected))}). Tokenize text columns with "
+            "fastpref.trainers.collators.tokenize_dataset, and keep `remove_unused_columns=False`."
         )
     return example[name]
 
@@ -153,7 +153,7 @@ def _token_ids(value: Any, name: str, index: int, who: str, *, allow_empty: bool
         value = value.tolist()
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not hasattr(value, "__iter__"):
         raise ValueError(f"{who}: example {index}, column {name!r} must be a list of token ids, got "
-                         f"{type(value).__name__} (tokenize text with fastpref.collators.tokenize_dataset)")
+                         f"{type(value).__name__} (tokenize text with fastpref.trainers.collators.tokenize_dataset)")
     ids = []
     for t in value:
         if isinstance(t, torch.Tensor) and t.numel() == 1 and not t.is_floating_point():
@@ -293,7 +293,7 @@ class ScalarFeedbackCollator(_Collator):
             if not isinstance(comps, Sequence) or (comps and not isinstance(comps[0], (Sequence, torch.Tensor))):
                 raise ValueError(
                     f"{who}: example {i}, 'completion_input_ids' must be a list of K completions (lists of token ids): "
-                    "one example per prompt holding all its completions (see fastpref.collators.group_rows)")
+                    "one example per prompt holding all its completions (see fastpref.trainers.collators.group_rows)")
             if not isinstance(rs, Sequence) or isinstance(rs, (str, bytes)):
                 raise ValueError(f"{who}: example {i}, 'reward' must be a list of K numbers, one per completion")
             if len(rs) != len(comps):

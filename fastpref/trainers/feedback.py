@@ -165,21 +165,22 @@ class FastPrefTrainer(Trainer):
         args: ``transformers.TrainingArguments`` (default: ``output_dir="trainer_output"``).
         ref_model: the frozen reference model for methods that use one (see the module docstring); an error for
             methods that do not.
-        data_collator: default: the layout's collator from :mod:`fastpref.collators`, padding with the tokenizer's
-            (else the config's, else 0) pad token id.
+        data_collator: default: the layout's collator from :mod:`fastpref.trainers.collators`, padding with the
+            tokenizer's (else the config's, else 0) pad token id.
         backend: :func:`fastpref.sequence_logprobs` backend (``"auto"``: triton on CUDA, else torch).
         disable_dropout: set the dropout modules' ``p`` to 0 (default True, as TRL).
-        padding_free: pack every batch into one row without padding (:class:`fastpref.collators.PackingCollator`
-            around the collator): ``position_ids`` restart at each sequence, the backbone attends within each
-            sequence (transformers 5 builds the block-diagonal mask from them) and the fused head scores the packed
-            rows through its varlen path. Same losses and gradients as padded batches, no compute on padding.
+        padding_free: pack every batch into one row without padding
+            (:class:`fastpref.trainers.collators.PackingCollator` around the collator): ``position_ids`` restart at
+            each sequence, the backbone attends within each sequence (transformers 5 builds the block-diagonal mask
+            from them) and the fused head scores the packed rows through its varlen path. Same losses and gradients
+            as padded batches, no compute on padding.
         **kwargs: the other ``transformers.Trainer`` arguments (``callbacks``, ``optimizers``, ...).
     """
 
     uses_reference: bool = True
     uses_prompt: bool = False
     required_columns: tuple[str, ...] = ("input_ids", "attention_mask", "segment_ids")
-    collator_hint: str = "fastpref.collators"
+    collator_hint: str = "fastpref.trainers.collators"
 
     def __init__(
         self,
@@ -445,7 +446,7 @@ class BinaryFeedbackTrainer(FastPrefTrainer):
     """Binary feedback: PRO-B (``method="pro"``, default) or KTO (``method="kto"``).
 
     Data: one example per completion, ``{"prompt_input_ids", "completion_input_ids", "label"}`` (label True/1 =
-    desirable), collated by :class:`fastpref.collators.BinaryFeedbackCollator`.
+    desirable), collated by :class:`fastpref.trainers.collators.BinaryFeedbackCollator`.
 
     * PRO-B (docs/methods.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="binary"``)::
 
@@ -464,7 +465,7 @@ class BinaryFeedbackTrainer(FastPrefTrainer):
     """
 
     required_columns = ("input_ids", "attention_mask", "segment_ids", "label")
-    collator_hint = "fastpref.collators.BinaryFeedbackCollator"
+    collator_hint = "fastpref.trainers.collators.BinaryFeedbackCollator"
 
     def __init__(self, model, args=None, *, method: str = "pro", beta: float = 0.1, lam: float = DEFAULT_LAM,
                  hyper_response: str = "exact", desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
@@ -476,7 +477,7 @@ class BinaryFeedbackTrainer(FastPrefTrainer):
         self.uses_kl = method == "kto" and loss_type == "kto"
         if self.uses_kl:
             self.required_columns = self.required_columns + ("KL_input_ids", "KL_attention_mask", "KL_segment_ids")
-            self.collator_hint = "fastpref.collators.BinaryFeedbackCollator(kl=True)"
+            self.collator_hint = "fastpref.trainers.collators.BinaryFeedbackCollator(kl=True)"
         self._check_hyperparameters()
         if self.uses_kl and args is not None and args.per_device_train_batch_size < 2:
             raise ValueError(
@@ -538,9 +539,9 @@ class ScalarFeedbackTrainer(FastPrefTrainer):
 
     Data: one example per **prompt** holding its K completions and their rewards, ``{"prompt_input_ids",
     "completion_input_ids": [K lists], "reward": [K floats]}``, flattened by
-    :class:`fastpref.collators.ScalarFeedbackCollator` into K rows sharing a ``group_id``; groups are never split
-    (``per_device_train_batch_size`` counts prompts). Regroup one-row-per-completion data with
-    :func:`fastpref.collators.group_rows`.
+    :class:`fastpref.trainers.collators.ScalarFeedbackCollator` into K rows sharing a ``group_id``; groups are never
+    split (``per_device_train_batch_size`` counts prompts). Regroup one-row-per-completion data with
+    :func:`fastpref.trainers.collators.group_rows`.
 
     * PRO-S (docs/methods.md section 2, :func:`fastpref.losses.pro_loss` with ``feedback="scalar"``): needs K >= 2 per
       prompt. ``beta=0.1``; ``eta=None`` (per group ``1/(K+1)``: the seed's "all pairs contribute equally"),
@@ -554,7 +555,7 @@ class ScalarFeedbackTrainer(FastPrefTrainer):
     """
 
     required_columns = ("input_ids", "attention_mask", "segment_ids", "reward", "group_id")
-    collator_hint = "fastpref.collators.ScalarFeedbackCollator"
+    collator_hint = "fastpref.trainers.collators.ScalarFeedbackCollator"
 
     def __init__(self, model, args=None, *, method: str = "pro", beta: float = 0.1, alpha: Optional[float] = None,
                  eta: Optional[float] = None, lam: float = DEFAULT_LAM, tau: float = DEFAULT_TAU,
@@ -606,7 +607,7 @@ class TYPOTrainer(FastPrefTrainer):
 
         loss = mean_pairs softplus(logp_l - logp_w) + lam * mean_unsup(-logp_u)        (lam = 0.05, the seed's)
 
-    Data (:class:`fastpref.collators.TYPOCollator`): pair examples ``{"prompt_input_ids", "chosen_input_ids",
+    Data (:class:`fastpref.trainers.collators.TYPOCollator`): pair examples ``{"prompt_input_ids", "chosen_input_ids",
     "rejected_input_ids"}`` and reference-sample examples ``{"prompt_input_ids", "completion_input_ids",
     "unsup": True}`` (responses sampled from the reference model: :func:`fastpref.sampling.sample_reference_responses`
     makes them with the seed's settings), mixed in one dataset. A batch that happens to hold only pairs uses the
@@ -616,7 +617,7 @@ class TYPOTrainer(FastPrefTrainer):
 
     uses_reference = False
     required_columns = ("input_ids", "attention_mask", "segment_ids", "unsup")
-    collator_hint = "fastpref.collators.TYPOCollator"
+    collator_hint = "fastpref.trainers.collators.TYPOCollator"
 
     def __init__(self, model, args=None, *, lam: float = 0.05, **kwargs):
         self.lam = lam
@@ -636,7 +637,7 @@ class TYPOTrainer(FastPrefTrainer):
         pairs, samples = lp[~unsup], lp[unsup]
         if pairs.numel() % 2:
             raise ValueError(f"TYPOTrainer: the batch has {pairs.numel()} pair rows; pairs need chosen rows then "
-                             "rejected rows (use fastpref.collators.TYPOCollator)")
+                             "rejected rows (use fastpref.trainers.collators.TYPOCollator)")
         b = pairs.numel() // 2
         if b and samples.numel():
             return typo_loss(pairs[:b], pairs[b:], samples, lam=self.lam)
@@ -700,13 +701,13 @@ class _RewardHeadTrainer(FastPrefTrainer):
         n = inputs["input_ids"].shape[0] if cu is None else cu.numel() - 1
         if n != 2 * num_pairs:
             raise ValueError(f"{type(self).__name__}: {n} sequences for {num_pairs} pairs; rows must be the B chosen "
-                             "then the B rejected completions (fastpref.collators)")
+                             "then the B rejected completions (fastpref.trainers.collators)")
 
 
 class OracleRewardTrainer(_RewardHeadTrainer):
     """Pairs with explicit per-response rewards: DRDO (``method="drdo"``, default) or e-DPO (``method="edpo"``).
 
-    Data (:class:`fastpref.collators.PairwiseRewardCollator`): ``{"prompt_input_ids", "chosen_input_ids",
+    Data (:class:`fastpref.trainers.collators.PairwiseRewardCollator`): ``{"prompt_input_ids", "chosen_input_ids",
     "rejected_input_ids"}`` plus ``oracle_chosen``/``oracle_rejected`` (DRDO; :class:`DRDOOracleTrainer` trains the
     oracle and annotates them) or ``reward_chosen``/``reward_rejected`` (e-DPO); rows are the B chosen completions
     then the B rejected ones (TRL layout).
@@ -727,7 +728,7 @@ class OracleRewardTrainer(_RewardHeadTrainer):
           L = (R_w - R_l - beta (rho_w - rho_l))^2,        beta = 0.1, reference model as DPO
     """
 
-    collator_hint = "fastpref.collators.PairwiseRewardCollator"
+    collator_hint = "fastpref.trainers.collators.PairwiseRewardCollator"
 
     def __init__(self, model, args=None, *, method: str = "drdo", alpha: float = DEFAULT_ALPHA,
                  gamma: float = DEFAULT_GAMMA, beta: float = 0.1, reward_head: Optional[nn.Module] = None,
@@ -779,15 +780,16 @@ class DRDOOracleTrainer(_RewardHeadTrainer):
         L = -mean_i [ (1 - a) log sigma(r(x, y_w) - r(x, y_l)) + a * logp_w ]      (a = 0.01, the seed's App. C.1)
 
     (reward-model likelihood plus a language-model regularizer on the chosen response; ``logp_w`` is the summed
-    response log-prob from the fused head). Reference-free. Data: :class:`fastpref.collators.PreferenceCollator`
-    pairs ``{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}``. The reward head is owned as in
-    :class:`OracleRewardTrainer`. After training, :meth:`annotate` (:func:`fastpref.oracle.annotate_oracle_rewards`)
-    adds the oracle's rewards as ``oracle_chosen`` / ``oracle_rejected`` columns to a pairs dataset: the data of the
-    student run (:class:`OracleRewardTrainer` with ``method="drdo"``).
+    response log-prob from the fused head). Reference-free. Data:
+    :class:`fastpref.trainers.collators.PreferenceCollator` pairs ``{"prompt_input_ids", "chosen_input_ids",
+    "rejected_input_ids"}``. The reward head is owned as in :class:`OracleRewardTrainer`. After training,
+    :meth:`annotate` (:func:`fastpref.oracle.annotate_oracle_rewards`) adds the oracle's rewards as
+    ``oracle_chosen`` / ``oracle_rejected`` columns to a pairs dataset: the data of the student run
+    (:class:`OracleRewardTrainer` with ``method="drdo"``).
     """
 
     uses_reference = False
-    collator_hint = "fastpref.collators.PreferenceCollator"
+    collator_hint = "fastpref.trainers.collators.PreferenceCollator"
 
     def __init__(self, model, args=None, *, a: float = DEFAULT_ORACLE_A, reward_head: Optional[nn.Module] = None,
                  reward_head_learning_rate: Optional[float] = None, **kwargs):
@@ -859,7 +861,7 @@ class AuxDPOTrainer(FastPrefTrainer):
         m_i  = beta (rho_w - rho_l + delta_{2i} - delta_{2i+1}),   delta = cap * tanh(delta_raw)
         L    = -mean_i log sigma(m_i) + lambda_null ||A_B delta_B||^2 - lambda_amp/2 (mean delta_w^2 + mean delta_l^2)
 
-    Data: :class:`fastpref.collators.PreferenceCollator` pairs plus ``example_index`` (the example's index into
+    Data: :class:`fastpref.trainers.collators.PreferenceCollator` pairs plus ``example_index`` (the example's index into
     ``delta``; added as the row number when the training dataset (a ``datasets.Dataset`` or a list) has none).
     The trainer owns ``delta_raw [2 n]`` (``n = num_examples``, default max index + 1), initialised from N(0, 1e-3)
     (``init_std``), trained in **its own optimizer group at learning rate** ``delta_learning_rate`` **= 5e-3 without
@@ -877,7 +879,7 @@ class AuxDPOTrainer(FastPrefTrainer):
     Defaults ``beta = 0.1`` (TRL's, ours), ``lambda_null = 1``, ``lambda_amp = 0.01``, ``cap = 1`` (the authors').
     """
 
-    collator_hint = "fastpref.collators.PreferenceCollator(index_column='example_index')"
+    collator_hint = "fastpref.trainers.collators.PreferenceCollator(index_column='example_index')"
     null_penalties = ("head", "params", None)
 
     def __init__(self, model, args=None, *, beta: float = 0.1, lambda_null: float = DEFAULT_LAMBDA_NULL,
@@ -951,7 +953,7 @@ class AuxDPOTrainer(FastPrefTrainer):
         if training:
             if INDEX_COLUMN not in inputs:
                 raise ValueError(f"AuxDPOTrainer: every training batch needs `{INDEX_COLUMN}` "
-                                 "(fastpref.collators.PreferenceCollator(index_column='example_index'))")
+                                 "(fastpref.trainers.collators.PreferenceCollator(index_column='example_index'))")
             index = inputs[INDEX_COLUMN].to(lp.device).long()
             if index.shape != (b,) or bool(((index < 0) | (index >= self.num_delta_examples)).any()):
                 raise ValueError(f"AuxDPOTrainer: `{INDEX_COLUMN}` must hold {b} values in [0, {self.num_delta_examples})")

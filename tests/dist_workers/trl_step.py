@@ -154,7 +154,7 @@ def _params(trainer):
 
 
 def step(method):
-    from fastpref.integrations.trl import FastPrefDPOTrainer
+    from fastpref.trainers import FastPrefDPOTrainer
 
     kwargs = {"method": method}
     if method == "auxdpo":
