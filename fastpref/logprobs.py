@@ -238,9 +238,6 @@ def _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ign
                           totals_dtype=None) -> "SequenceLogProbs":
     """A vocabulary-parallel and/or context-parallel head (:mod:`fastpref.distributed`): every rank of a group
     checks and computes the same way; eager only (not through the custom op)."""
-    if return_stats:
-        raise NotImplementedError("return_stats=True is not supported with a vocabulary- or context-parallel head: "
-                                  "the per-token statistics would need their own cross-rank merge")
     layout_args = (hidden, weight, labels, segment_ids, bias, ignore_index, cu_seqlens, validate)
     layout = spread.checked_layout(_layout, validate, *layout_args, logit_scale=logit_scale, spread=spread)
     impl = _resolve_backend(backend, hidden)
@@ -248,20 +245,31 @@ def _distributed_logprobs(spread, hidden, weight, labels, segment_ids, bias, ign
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
     rows = torch.nonzero(segments > 0).squeeze(1)
-    lp_rows = spread.token_logprobs(hidden2d, weight, bias, rows, flat_labels.index_select(0, rows), impl,
-                                    {"logit_scale": logit_scale, "softcap": softcap})
-    lp = torch.zeros(hidden2d.shape[0], dtype=lp_rows.dtype, device=lp_rows.device).index_put((rows,), lp_rows)
+    out = spread.token_logprobs(hidden2d, weight, bias, rows, flat_labels.index_select(0, rows), impl,
+                                {"logit_scale": logit_scale, "softcap": softcap}, stats=return_stats)
+    lp_rows, *token_rows = out if return_stats else (out,)
+    N = hidden2d.shape[0]
+    scatter = lambda x: torch.zeros(N, dtype=x.dtype, device=x.device).index_put((rows,), x)  # noqa: E731
+    lp = scatter(lp_rows)
     slot = sequence * 2 + (segments == PROMPT).long()
-    totals = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(0, slot, lp.double()).view(S, 2)
-    counts = torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(
-        0, slot, (segments > 0).double()).view(S, 2)
+    segment_sums = lambda x: torch.zeros(2 * S, dtype=torch.float64, device=lp.device).index_add(  # noqa: E731
+        0, slot, x.double()).view(S, 2)
+    totals, counts = segment_sums(lp), segment_sums((segments > 0).double())
     totals, counts = spread.sequence_totals(totals, counts, validate)  # context parallel: summed across the group
+    dtype = lp.dtype if totals_dtype is None else totals_dtype
+    per_token = [scatter(x) for x in token_rows]
+    per_segment = [spread.sum_over_context(segment_sums(x)) for x in per_token]
     if reduction == "mean":
         totals = totals / counts.clamp(min=1)
-    dtype = lp.dtype if totals_dtype is None else totals_dtype
+        per_segment = [x / counts.clamp(min=1) for x in per_segment]
     column = lambda x, j: x[:, j].to(dtype, copy=True)  # noqa: E731 - independent tensors
+    stats = None
+    if return_stats:
+        stats = SequenceStats(TokenStatistics(*(x.view(labels.shape) for x in per_token)),
+                              TokenStatistics(*(column(x, 0) for x in per_segment)),
+                              TokenStatistics(*(column(x, 1) for x in per_segment)))
     return SequenceLogProbs(column(totals, 0), column(totals, 1), column(counts, 0), column(counts, 1),
-                            lp.view(labels.shape) if return_token_logps else None)
+                            lp.view(labels.shape) if return_token_logps else None, stats)
 
 
 def sequence_logprobs(

@@ -65,6 +65,23 @@ def test_context_parallel_frozen_head(results, backend):
         assert max(r["response"], r["prompt"], r["tokens"]) < OUT_TOL and r["dh"] < GRAD_TOL, r
 
 
+@pytest.mark.parametrize("case", ["tp_stats_dtensor-torch", "tp_stats_dtensor-triton", "tp_stats_raw-torch",
+                                  "tp_stats_raw-triton", "tp_stats_raw_mean-torch", "cp_stats-torch",
+                                  "cp_stats-triton"])
+def test_token_statistics_of_a_distributed_head_match_one_process(results, case):
+    """``return_stats=True`` with a vocabulary-parallel head (the statistics merged across the shards: argmax ==
+    label judged over the whole vocabulary) or context parallelism (segment sums over the group): per-token and
+    per-segment entropy, log sum p^2, mean logit and argmax == label equal one process, and a loss with an entropy
+    term gives the same dH, dW and db (the entropy's gradient runs through each shard's backward)."""
+    ranks = _case(results, case)
+    assert sum(r["token_argmax_hits"] for r in ranks) > 0
+    for r in ranks:
+        assert r["token_argmax_mismatches"] == 0, r
+        assert max(v for k, v in r.items() if k.startswith(("token_", "response_", "prompt_"))
+                   and not k.startswith(("token_argmax",))) < OUT_TOL, r
+        assert max(r["dh"], r["dw"], r["db"]) < GRAD_TOL, r
+
+
 def test_a_rank_rejecting_its_input_makes_every_rank_raise(results):
     """Rank 1's shard holds a NaN: it raises that, rank 0 raises that another rank rejected its input, with the same
     exception type (a trainer skipping NonFiniteError steps then skips on every rank). No hang."""

@@ -377,29 +377,43 @@ def test_every_launcher_goes_through_launch():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_vocabulary_shards_merge_into_the_whole_head(backend):
+@pytest.mark.parametrize("stats", [False, True])
+def test_vocabulary_shards_merge_into_the_whole_head(backend, stats):
     """``shard_forward`` on two vocabulary shards (labels shifted, unowned labels outside [0, V_shard)) merges into
-    the whole head's statistics: what a vocabulary-parallel head all-reduces."""
-    from fastpref.backends._stats import finish, merge_partials
+    the whole head's statistics (and, with ``stats``, token statistics: argmax == label judged across shards): what a
+    vocabulary-parallel head all-reduces."""
+    from fastpref.backends._stats import Partials, merge, with_target
 
     hidden, weight, rows, labels = _rows_problem(seed=61, V=301)
     bias = torch.randn(weight.shape[0])
     kw = dict(logit_scale=1.1, softcap=7.0)
-    lp, stats = backend.forward(hidden, weight, bias, rows, labels, **kw)
     cut = 117
-    parts = [backend.shard_forward(hidden, weight[a:b], bias[a:b], rows, labels - a, **kw)
+    labels[:4] = torch.tensor([0, cut - 1, cut, weight.shape[0] - 1])  # the shards' edges
+    z = 7.0 * torch.tanh(1.1 * (hidden[rows] @ weight.t() + bias) / 7.0)
+    labels[4:40] = z[4:40].argmax(dim=1)  # argmax == label on many rows, in either shard
+    assert (labels[4:40] < cut).any() and (labels[4:40] >= cut).any()
+    lp, row_stats, *tokens = backend.forward(hidden, weight, bias, rows, labels, stats=stats, **kw)
+    parts = [backend.shard_forward(hidden, weight[a:b], bias[a:b], rows, labels - a, stats=stats, **kw)
              for a, b in ((0, cut), (cut, weight.shape[0]))]
     target = torch.maximum(parts[0][0], parts[1][0])  # exactly one shard owns each label
     assert torch.isfinite(target).all() and (torch.isinf(parts[0][0]) ^ torch.isinf(parts[1][0])).all()
-    run_max, run_sum = merge_partials(target, torch.ones_like(target), torch.stack([p[1] for p in parts]),
-                                      torch.stack([p[2] for p in parts]))
-    lp2, stats2 = finish(target, run_max, run_sum)
+    stacked = Partials(*(None if x is None else torch.stack([p[1][i] for p in parts])
+                         for i, x in enumerate(parts[0][1])))
+    lp2, stats2, tokens2 = with_target(target, merge(Partials.empty(target, stats), stacked), weight.shape[0])
     torch.testing.assert_close(lp2, lp, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats2.max, stats.max, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(stats2.logsum, stats.logsum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats2.max, row_stats.max, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats2.logsum, row_stats.logsum, rtol=1e-5, atol=1e-6)
+    if stats:
+        (tokens,) = tokens
+        torch.testing.assert_close(stats2.mean_shift, row_stats.mean_shift, rtol=1e-5, atol=1e-6)
+        for name in ("entropy", "log_sum_p2", "mean_logit"):
+            torch.testing.assert_close(getattr(tokens2, name), getattr(tokens, name), rtol=1e-5, atol=1e-6)
+        assert torch.equal(tokens2.argmax_is_label, tokens.argmax_is_label) and tokens.argmax_is_label.sum() >= 30
     grad = torch.randn(rows.numel())
-    dh, dw, db = backend.backward(hidden, weight, bias, rows, labels, stats, lp, grad, **kw)
-    shard = [backend.backward(hidden, weight[a:b], bias[a:b], rows, labels - a, stats2, lp2, grad, **kw)
+    entropy_grad = {"entropy_grad": torch.randn(rows.numel())} if stats else {}
+    dh, dw, db = backend.backward(hidden, weight, bias, rows, labels, row_stats, lp, grad, **entropy_grad, **kw)
+    shard = [backend.backward(hidden, weight[a:b], bias[a:b], rows, labels - a, stats2, lp2, grad, **entropy_grad,
+                              **kw)
              for a, b in ((0, cut), (cut, weight.shape[0]))]
     torch.testing.assert_close(shard[0][0] + shard[1][0], dh, rtol=1e-5, atol=1e-6)  # dH: all-reduced
     torch.testing.assert_close(torch.cat([shard[0][1], shard[1][1]]), dw, rtol=1e-5, atol=1e-6)  # dW: own rows

@@ -69,20 +69,30 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == NEG_INF, torch.zeros_like(m), m)
 
 
+def rescaled(part: Partials, new_max: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor],
+                                                              Optional[torch.Tensor]]:
+    """``(sum, t1, t2)`` of ``part`` made relative to ``new_max >= part.max`` (``t1``/``t2`` None without
+    statistics): ``sum e^(z - M) = e^(m - M) sum``, ``sum e^(z - M) (z - M) = e^(m - M) (t1 + sum (m - M))``,
+    ``sum e^(2 (z - M)) = e^(2 (m - M)) t2``; an empty part (``m = -inf``) stays 0."""
+    safe = _safe(new_max)
+    f = torch.exp(part.max - safe)
+    total = f * part.sum
+    if part.t1 is None:
+        return total, None, None
+    shift = torch.where(part.sum == 0, torch.zeros_like(part.max), part.max - safe)
+    return total, f * (part.t1 + part.sum * shift), f * f * part.t2
+
+
 def merge(run: Partials, part: Partials) -> Partials:
     """Fold ``part [P, M]`` into the running ``run [M]`` exactly (rescaled to the new maximum)."""
     new_max = torch.maximum(run.max, part.max.amax(dim=0))
-    safe = _safe(new_max)
-    f_run, f_part = torch.exp(run.max - safe), torch.exp(part.max - safe)
-    total = f_run * run.sum + (f_part * part.sum).sum(dim=0)
+    (s_run, t1_run, t2_run), (s_part, t1_part, t2_part) = rescaled(run, new_max), rescaled(part, new_max)
+    total = s_run + s_part.sum(dim=0)
     if run.t1 is None:
         return Partials(new_max, total)
-    shift_run = torch.where(run.sum == 0, torch.zeros_like(run.max), run.max - safe)
-    shift_part = torch.where(part.sum == 0, torch.zeros_like(part.max), part.max - safe)
-    t1 = f_run * (run.t1 + run.sum * shift_run) + (f_part * (part.t1 + part.sum * shift_part)).sum(dim=0)
-    t2 = f_run * f_run * run.t2 + (f_part * f_part * part.t2).sum(dim=0)
-    return Partials(new_max, total, t1, t2, run.zsum + part.zsum.sum(dim=0),
-                    torch.maximum(run.before, part.before.amax(dim=0)), torch.maximum(run.label, part.label.amax(dim=0)))
+    return Partials(new_max, total, t1_run + t1_part.sum(dim=0), t2_run + t2_part.sum(dim=0),
+                    run.zsum + part.zsum.sum(dim=0), torch.maximum(run.before, part.before.amax(dim=0)),
+                    torch.maximum(run.label, part.label.amax(dim=0)))
 
 
 def merge_partials(run_max: torch.Tensor, run_sum: torch.Tensor, max_part: torch.Tensor,

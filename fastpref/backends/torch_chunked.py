@@ -183,11 +183,11 @@ def shard_forward(
     softcap: Optional[float] = None,
     row_chunk: int = ROW_CHUNK,
     vocab_chunk: int = VOCAB_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(target, max, sum) [M]`` over this weight's vocabulary with the label's column excluded from
-    ``(max, sum)``; ``target = -inf`` where the label is outside ``[0, V)`` (see ``triton_fused.shard_forward``)."""
-    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_chunk, vocab_chunk, False)
-    return target, run.max, run.sum
+    stats: bool = False,
+) -> tuple[torch.Tensor, Partials]:
+    """``(target [M], partials)`` over this weight's vocabulary, the label's column excluded from the partials;
+    ``target = -inf`` where the label is outside ``[0, V)`` (see ``triton_fused.shard_forward``)."""
+    return _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, row_chunk, vocab_chunk, stats)
 
 
 def forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,

@@ -66,12 +66,12 @@ def _contiguous(bias: Optional[torch.Tensor], rows: torch.Tensor, labels: torch.
 
 
 def shard_forward(hidden, weight, bias, rows, labels, *, logit_scale: float = 1.0, softcap: Optional[float] = None,
-                  num_splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(target, max, sum) [M]`` fp32 over this weight's vocabulary, the label's column excluded from
-    ``(max, sum)`` (``-inf``/0 when nothing is left); ``target`` is ``-inf`` where the label is outside
-    ``[0, V)``. A vocabulary-parallel head merges these across ranks (``_stats.merge_partials``)."""
-    target, run = _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, False)
-    return target, run.max, run.sum
+                  num_splits: Optional[int] = None, stats: bool = False) -> tuple[torch.Tensor, Partials]:
+    """``(target [M], partials)`` fp32 over this weight's vocabulary: the label-free :class:`._stats.Partials`
+    (``max``, ``sum``, and with ``stats`` the token statistics' sums), the label's column excluded (``-inf``/0 when
+    nothing is left); ``target`` is ``-inf`` where the label is outside ``[0, V)``. A vocabulary-parallel head merges
+    these across ranks (:func:`fastpref.distributed.sharded_head.merge_vocab_shards`)."""
+    return _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, stats)
 
 
 def _label_free(hidden, weight, bias, rows, labels, logit_scale, softcap, num_splits, stats):

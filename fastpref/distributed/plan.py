@@ -148,10 +148,15 @@ class DistributedHead:
 
     # ------------------------------------------------------------------------------------------ the head
 
-    def token_logprobs(self, hidden2d, weight, bias, rows, labels, backend, options) -> torch.Tensor:
-        """``lp [M]`` of the scored rows (global labels), through :class:`.sharded_head.ShardedHead`."""
+    def token_logprobs(self, hidden2d, weight, bias, rows, labels, backend, options, stats: bool = False):
+        """``lp [M]`` of the scored rows (global labels), through :class:`.sharded_head.ShardedHead`; with
+        ``stats``, ``(lp, entropy, log_sum_p2, mean_logit, argmax_is_label)``, each ``[M]``."""
         return ShardedHead.apply(hidden2d, weight, bias, rows, labels, backend, options, self.vocab_group,
-                                 self.vocab_start, self.context_group)
+                                 self.vocab_start, self.context_group, self.vocab_size, stats)
+
+    def sum_over_context(self, x: torch.Tensor) -> torch.Tensor:
+        """Context parallel: ``x`` summed across the group, identity backward (``x`` itself otherwise)."""
+        return x if self.context_group is None else sum_across_group(x, self.context_group)
 
     def sequence_totals(self, totals: torch.Tensor, counts: torch.Tensor, validate: bool):
         """Context parallel: ``(totals, counts)`` summed across the group (identity backward for ``totals``);

@@ -127,9 +127,7 @@ Refused at construction, each because it cannot be computed here (never a silent
   AuxDPO's ``null_penalty="params"`` under FSDP / DeepSpeed (it differentiates sharded reference parameters) or
   without a separate ``ref_model``;
 * contradictions: ``precompute_ref_log_probs`` / ``sync_ref_model`` with a reference-free method, DPO-only config
-  fields with another method, TRL's own refusals (WPO with ``aot``, ...);
-* under tensor parallelism (a vocabulary-sharded head) the per-token statistics have no cross-rank merge: the token
-  metrics are not logged and WPO is refused.
+  fields with another method, TRL's own refusals (WPO with ``aot``, ...).
 
 Several processes (tested under accelerate with DDP, FSDP2 and DeepSpeed ZeRO-3; the patch itself also under
 FSDP1): the patched forward reads the head where it is whole and runs the fused head inside the head's own FSDP
@@ -298,13 +296,6 @@ class FastPrefDPOTrainer(DPOTrainer):
             raise NotImplementedError("FastPrefDPOTrainer: vision datasets are not supported: TRL prepares them on the "
                                       "fly with its vision collator, whose image-token layout the fused path has not "
                                       "been checked against; use the stock DPOTrainer for vision-language models")
-        # The per-token statistics (TRL's token metrics, WPO's weights) have no cross-rank merge for a
-        # vocabulary-parallel head (fastpref.distributed): under tensor parallelism they are not requested.
-        self._fastpref_stats = getattr(self, "_tp_size", 1) == 1
-        if self.args.use_weighting and not self._fastpref_stats:
-            raise NotImplementedError("FastPrefDPOTrainer: `use_weighting=True` (WPO) needs log sum_v p^2 per token, "
-                                      "which a tensor-parallel (vocabulary-sharded) head does not merge across ranks")
-
         self._fastpref_patch_all()
         self._fastpref_guard = NonFiniteStepGuard(self)
         self.add_callback(self._fastpref_guard)
@@ -557,7 +548,7 @@ class FastPrefDPOTrainer(DPOTrainer):
 
         self._fastpref_patch(model)
         kwargs = self._model_kwargs(inputs, ld=ld)
-        kwargs["return_stats"] = self._fastpref_stats  # entropy, mean logit, argmax == label, log sum p^2: TRL's
+        kwargs["return_stats"] = True  # entropy, mean logit, argmax == label, log sum p^2: TRL's
         # token metrics and WPO
         if aux:
             kwargs["output_router_logits"] = True

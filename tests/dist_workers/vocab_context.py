@@ -131,6 +131,94 @@ def cp(backend, frozen=False, mean=False):
     return res
 
 
+# ------------------------------------------------------------------------------------ token statistics (return_stats)
+
+
+def _stats_loss(out, piece=slice(None)):
+    """A loss on the log-probs and an entropy term (its gradient joins the head's backward)."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(out.response.shape, generator=g)
+    e = torch.randn(out.stats.tokens.entropy.shape if piece == slice(None) else (3, 38), generator=g)[:, piece]
+    return (a * out.response).sum() + 0.3 * (e * out.stats.tokens.entropy).sum()
+
+
+def _compare_stats(out, ref, piece=slice(None)) -> dict:
+    res = {}
+    for name in ("entropy", "log_sum_p2", "mean_logit"):
+        res[f"token_{name}"] = rel(getattr(out.stats.tokens, name), getattr(ref.stats.tokens, name)[:, piece])
+    res["token_argmax_mismatches"] = float((out.stats.tokens.argmax_is_label
+                                            != ref.stats.tokens.argmax_is_label[:, piece]).sum())
+    res["token_argmax_hits"] = float(out.stats.tokens.argmax_is_label.sum())
+    for segment in ("response", "prompt"):
+        for name in ("entropy", "log_sum_p2", "mean_logit", "argmax_is_label"):
+            res[f"{segment}_{name}"] = rel(getattr(getattr(out.stats, segment), name),
+                                          getattr(getattr(ref.stats, segment), name))
+    return res
+
+
+def _stats_batch(seed, B=3, T=38, D=20):
+    """A batch whose labels are the argmax at a third of the rows (on both shards), so argmax == label is tested."""
+    h, w, labels, seg, b = make_batch(B=B, T=T, D=D, V=V, bias=True, seed=seed)
+    z = OPTIONS["softcap"] * torch.tanh(OPTIONS["logit_scale"] * (h @ w.t() + b) / OPTIONS["softcap"])
+    pick = (torch.arange(T) % 3 == 0)[None, :] & (labels != -100)
+    labels = torch.where(pick, z.argmax(dim=-1), labels)
+    return h, w, labels, seg, b
+
+
+def _stats_reference(h, w, labels, seg, b, backend, **kw):
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    ref = sequence_logprobs(hh, ww, labels, seg, bias=bb, backend=backend, return_stats=True, **OPTIONS, **kw)
+    _stats_loss(ref).backward()
+    return ref, hh.grad, ww.grad, bb.grad
+
+
+def tp_stats(backend, raw, mean=False):
+    """The token statistics of a vocabulary-parallel head (DTensor or raw shard) against one process; the entropy's
+    gradient through the shards' backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    kw = {"reduction": "mean"} if mean else {}
+    h, w, labels, seg, b = _stats_batch(seed=31)
+    ref, dh_ref, dw_ref, db_ref = _stats_reference(h, w, labels, seg, b, backend, **kw)
+    hidden = h.clone().requires_grad_()
+    if raw:
+        cut = (0, 117, V)
+        start, stop = cut[RANK], cut[RANK + 1]
+        weight, bias = w[start:stop].clone().requires_grad_(), b[start:stop].clone().requires_grad_()
+        kw.update(vocab_parallel_group=dist.group.WORLD, vocab_range=(start, stop))
+    else:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+        weight = distribute_tensor(w, mesh, [Shard(0)]).requires_grad_()
+        bias = distribute_tensor(b, mesh, [Shard(0)]).requires_grad_()
+    out = sequence_logprobs(hidden, weight, labels, seg, bias=bias, backend=backend, return_stats=True, **OPTIONS,
+                            **kw)
+    _stats_loss(out).backward()
+    res = _compare_stats(out, ref)
+    res["response"] = rel(out.response, ref.response)
+    dw = weight.grad if raw else weight.grad.full_tensor()
+    db = bias.grad if raw else bias.grad.full_tensor()
+    shard = slice(*((0, 117, V)[RANK:RANK + 2])) if raw else slice(None)
+    res.update(dh=rel(hidden.grad, dh_ref), dw=rel(dw, dw_ref[shard]), db=rel(db, db_ref[shard]))
+    return res
+
+
+def cp_stats(backend):
+    """The token statistics with context parallelism: per-segment sums over the group, the entropy's gradient."""
+    h, w, labels, seg, b = _stats_batch(seed=33)
+    ref, dh_ref, dw_ref, db_ref = _stats_reference(h, w, labels, seg, b, backend)
+    T = h.shape[1] // WORLD
+    piece = slice(RANK * T, (RANK + 1) * T)
+    hidden = h[:, piece].clone().requires_grad_()
+    weight, bias = w.clone().requires_grad_(), b.clone().requires_grad_()
+    out = sequence_logprobs(hidden, weight, labels[:, piece].contiguous(), seg[:, piece].contiguous(), bias=bias,
+                            backend=backend, return_stats=True, context_parallel_group=dist.group.WORLD, **OPTIONS)
+    _stats_loss(out, piece).backward()
+    res = _compare_stats(out, ref, piece)
+    res.update(dh=rel(hidden.grad, dh_ref[:, piece]), dw=rel(weight.grad, dw_ref), db=rel(bias.grad, db_ref))
+    return res
+
+
 # ------------------------------------------------------------------------------------------- errors, on every rank
 
 
@@ -187,6 +275,11 @@ for _backend in ("torch", "triton"):
     CASES[f"tp_dtensor-{_backend}"] = lambda bk=_backend: tp_dtensor(bk)
     CASES[f"tp_raw-{_backend}"] = lambda bk=_backend: tp_raw(bk)
     CASES[f"cp-{_backend}"] = lambda bk=_backend: cp(bk)
+for _backend in ("torch", "triton"):
+    CASES[f"tp_stats_dtensor-{_backend}"] = lambda bk=_backend: tp_stats(bk, raw=False)
+    CASES[f"tp_stats_raw-{_backend}"] = lambda bk=_backend: tp_stats(bk, raw=True)
+    CASES[f"cp_stats-{_backend}"] = lambda bk=_backend: cp_stats(bk)
+CASES["tp_stats_raw_mean-torch"] = lambda: tp_stats("torch", raw=True, mean=True)
 CASES["tp_raw_mean-torch"] = lambda: tp_raw("torch", mean=True)
 CASES["cp_mean-torch"] = lambda: cp("torch", mean=True)
 CASES["cp_frozen_head-torch"] = lambda: cp("torch", frozen=True)
