@@ -116,3 +116,13 @@ def test_bench_head_suite_smoke(tmp_path):
     names = {b["name"] for b in json.loads(out.read_text())["benchmarks"]}
     assert {"test_policy_forward[full]", "test_policy_backward[frozen]", "test_dpo_step[full]",
             "test_module_step[dpo]", "test_module_step[auxdpo]"} <= names
+
+
+def test_exactness_smoke(tmp_path):
+    from benchmarks import exactness
+
+    assert exactness.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = {r["impl"]: r for r in json.loads((tmp_path / "exactness.json").read_text())["rows"]}
+    assert rows["float64"]["abs_err"] == 0.0
+    # fp32 on tiny shapes: every computation within fp32 rounding of the float64 loss
+    assert all(r["abs_err"] < 1e-5 for r in rows.values()), rows
