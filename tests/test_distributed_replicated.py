@@ -50,3 +50,17 @@ def test_non_finite_gradients_drop_the_step(tmp_path):
     cb.on_pre_optimizer_step(_args(tmp_path), _State(), None)
     assert a.grad is None and torch.equal(a.detach(), torch.zeros(2))
     assert average_gradients([]) is True
+
+
+def test_own_schedule_holds_back_after_a_step_the_trainer_skipped(tmp_path):
+    a = torch.nn.Parameter(torch.zeros(2))
+    skipped = [False]
+    cb = ReplicatedParameters([a], lambda: [{"params": [a]}], own_optimizer=True, step_skipped=lambda: skipped[0])
+    args = _args(tmp_path)
+    cb.on_train_begin(args, _State(), None)
+    for skip in (False, True, False):
+        skipped[0] = skip
+        a.grad = torch.ones(2)
+        cb.on_pre_optimizer_step(args, _State(), None)
+        cb.on_optimizer_step(args, _State(), None)
+    assert cb.scheduler.last_epoch == 2  # advanced with the Trainer's schedule: not after the skipped step

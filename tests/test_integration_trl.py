@@ -685,6 +685,7 @@ def assert_overflowing_second_step_is_skipped(trainer, snapshots, caplog):
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e.get("skipped_steps", 0) for e in logs] == [0, 1, 1]
     assert "skipped" in caplog.text and "non-finite" in caplog.text
+    assert trainer.lr_scheduler.last_epoch == 2  # the skipped step did not advance the schedule (as GradScaler's)
 
 
 def _overflow_hidden_at(backbone, calls):
@@ -730,6 +731,7 @@ def test_pure_fp16_overflowing_forward_skips_the_step(tokenizer, tmp_path, caplo
     logs = [e for e in trainer.state.log_history if "loss" in e]
     assert [e.get("skipped_steps", 0) for e in logs] == [0, 1, 1]
     assert "skipped" in caplog.text and "non-finite" in caplog.text
+    assert trainer.lr_scheduler.last_epoch == 2  # the skipped step did not advance the schedule (as GradScaler's)
 
 
 def test_nonfinite_gradients_skip_the_step_and_keep_the_optimizer_state(tokenizer, tmp_path):

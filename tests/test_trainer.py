@@ -418,6 +418,7 @@ def test_pure_fp16_overflowing_step_is_skipped(name, tmp_path, caplog):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [e.get("skipped_steps", 0) for e in trainer.state.log_history if "loss" in e] == [0, 1, 1]
     assert "skipped" in caplog.text
+    assert trainer.lr_scheduler.last_epoch == 2  # the skipped step did not advance the schedule (as GradScaler's)
 
 
 def test_method_names_map_to_these_trainers():

@@ -71,12 +71,15 @@ class ReplicatedParameters(TrainerCallback):
     docstring): before each optimizer step their gradients are averaged over the ranks; after it they are cleared
     (the Trainer clears only the model's). ``param_groups()`` gives their optimizer groups; with ``own_optimizer``
     (DeepSpeed / FSDP) this callback builds an optimizer of the Trainer's class and settings over those groups and
-    steps it, with the Trainer's learning-rate schedule; otherwise the groups are in the Trainer's optimizer."""
+    steps it, with the Trainer's learning-rate schedule (held back after a step the Trainer skipped, as
+    ``step_skipped()`` reports); otherwise the groups are in the Trainer's optimizer."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], param_groups: Callable[[], list], *, own_optimizer: bool):
+    def __init__(self, params: Sequence[torch.nn.Parameter], param_groups: Callable[[], list], *, own_optimizer: bool,
+                 step_skipped: Optional[Callable[[], bool]] = None):
         self.params = [p for p in params if p.requires_grad]
         self.param_groups = param_groups
         self.own_optimizer = own_optimizer
+        self.step_skipped = step_skipped
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.scheduler = None
 
@@ -96,14 +99,17 @@ class ReplicatedParameters(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         usable = average_gradients(self.params)
-        if self.optimizer is not None:
-            if usable:  # a dropped step (non-finite gradients) moves none of them, as the model's
-                self.optimizer.step()
-            with warnings.catch_warnings():  # the schedule advances with the Trainer's even on a dropped step, which
-                # torch reports as "lr_scheduler.step() before optimizer.step()" when it is the first one
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                self.scheduler.step()
+        if self.optimizer is not None and usable:  # a dropped step (non-finite gradients) moves none of them
+            self.optimizer.step()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        # the schedule advances when the Trainer's does: not after a step the Trainer's optimizer skipped
+        # (``step_skipped``: accelerate's ``optimizer_step_was_skipped``, set by GradScaler or NonFiniteStepGuard)
+        skipped = self.step_skipped is not None and self.step_skipped()
+        if self.scheduler is not None and not skipped:
+            with warnings.catch_warnings():  # after a step where only these parameters were dropped, torch reports
+                # "lr_scheduler.step() before optimizer.step()" when it is the first one
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.scheduler.step()
         for p in self.params:
             p.grad = None

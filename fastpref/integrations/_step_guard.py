@@ -19,8 +19,9 @@ same whatever the precision:
   parameter and saying what to change.
 
 With a ``GradScaler`` (``fp16=True``) the scaler keeps doing the skipping (and its loss scale); under DeepSpeed,
-DeepSpeed's overflow handling does. The learning-rate schedule advances on a skipped step here (the Trainer only
-holds it back for its own scaler). Evaluation does not skip: a non-finite forward raises there.
+DeepSpeed's overflow handling does. A skipped step does not advance the learning-rate schedule, as with GradScaler:
+the guard reports the skip through accelerate's ``AcceleratedOptimizer.step_was_skipped`` (the flag the Trainer
+reads after each step). Evaluation does not skip: a non-finite forward raises there.
 """
 
 from __future__ import annotations
@@ -110,7 +111,12 @@ class NonFiniteStepGuard(TrainerCallback):
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads = [p.grad for p in params if p.grad is not None]
-        if _all_finite(grads):
+        skip = not _all_finite(grads)
+        # accelerate's flag for a step its GradScaler skipped (never set without a scaler): the Trainer then holds
+        # its learning-rate schedule back, as it does for GradScaler's skips
+        if hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = skip
+        if not skip:
             return
         for p in params:
             p.grad = None

@@ -333,7 +333,8 @@ class FastPrefDPOTrainer(DPOTrainer):
         # optimizer, their groups get an optimizer of their own (fastpref.distributed.replicated)
         self._fastpref_replicated = ReplicatedParameters(
             list(self.fastpref_modules.parameters()), self._fastpref_param_groups,
-            own_optimizer=bool(self.is_deepspeed_enabled or self.is_fsdp_enabled))
+            own_optimizer=bool(self.is_deepspeed_enabled or self.is_fsdp_enabled),
+            step_skipped=lambda: self.accelerator.optimizer_step_was_skipped)
         if len(self.fastpref_modules):
             self.add_callback(self._fastpref_replicated)
 
