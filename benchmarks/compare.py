@@ -151,7 +151,7 @@ def _error_status(ex: BaseException) -> str:
 def run_one(impl, case, W, H, Href, lab, device, a, loss64=None) -> dict:
     try:
         step = make_step(impl, case.softcap, a.backend, device)
-        r = bench(impl, lambda: step(W, H, Href, lab), [W, H], device, a.iters)
+        r = bench(impl, lambda: step(W, H, Href, lab), [W, H], device, a.iters, warmup=1 if a.smoke else 2)
         r["status"] = "ok"
     except Skip as ex:
         r = {"impl": impl, "status": ex.status, "error": str(ex)}

@@ -204,7 +204,8 @@ def timing(a, device):
         if step is None:
             rows.append({"impl": name, "error": "package not installed"})
             continue
-        r = guarded(name, lambda: bench(name, lambda: step(W, H, Href, lab), [W, H], device, a.iters), device)
+        r = guarded(name, lambda: bench(name, lambda: step(W, H, Href, lab), [W, H], device, a.iters,
+                                        warmup=1 if a.smoke else 2), device)
         r.update(N=H.shape[0] * H.shape[1], D=a.D, V=a.V, prompt_frac=a.prompt_frac, peaked=a.peaked)
         rows.append(r)
         print(json.dumps(r), flush=True)
@@ -221,7 +222,8 @@ def memory_scaling(a, device):
         W.requires_grad_(True)
         H.requires_grad_(True)
         step = fastpref_step(a.backend)
-        r = bench("fastpref", lambda: step(W, H, Href, lab), [W, H], device, 3)
+        r = bench("fastpref", lambda: step(W, H, Href, lab), [W, H], device, min(a.iters, 3),
+                  warmup=1 if a.smoke else 2)
         r.update(pairs=pairs, N=H.shape[0] * H.shape[1], scored_rows=int((lab != -100).sum()))
         print(json.dumps(r), flush=True)
         return r  # the inputs go out of scope here, before the next size is allocated
