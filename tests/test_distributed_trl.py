@@ -1,6 +1,6 @@
 """FastPrefDPOTrainer on 2 CPU processes under accelerate: DDP, FSDP2 and DeepSpeed ZeRO-3, for dpo, auxdpo and
-drdo (and a feedback trainer, AuxDPOTrainer, under DDP), against the same two steps in one process accumulating gradients over the two ranks' micro-batches
-(tests/dist_workers/trl_step.py).
+drdo (and a feedback trainer, AuxDPOTrainer, under DDP), against the same two steps in one process accumulating
+gradients over the two ranks' micro-batches (tests/dist_workers/trl_step.py).
 
 Compared: the logged loss and log-probs, and every parameter after the steps, the model's and the trainer's own
 (AuxDPO's ``delta_raw``, DRDO's reward head: replicated, their gradients averaged over the ranks). Each run also

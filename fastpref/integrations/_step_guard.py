@@ -53,8 +53,8 @@ class NonFiniteStepGuard(TrainerCallback):
     """Skips optimizer steps whose gradients are not finite (see the module docstring); one per trainer.
 
     ``trainer`` needs ``optimizer``, ``accelerator``, ``state`` and a ``_metrics`` (or ``_stored_metrics``) dict of
-    per-mode lists (the fastpref trainers and TRL's have one): ``_metrics["train"]["skipped_steps"]`` holds the count once a step was
-    skipped, so every later log shows it.
+    per-mode lists (the fastpref trainers and TRL's have one): ``_metrics["train"]["skipped_steps"]`` holds the
+    count once a step was skipped, so every later log shows it.
     """
 
     def __init__(self, trainer):
