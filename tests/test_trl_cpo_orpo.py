@@ -23,9 +23,9 @@ from test_integration_trl import (  # noqa: E402,F401
     GradRecorder,
     _dataset,
     _model,
-    _rel,
     _Snapshots,
     assert_overflowing_second_step_is_skipped,
+    assert_same_logged_training,
     tokenizer,
 )
 
@@ -50,25 +50,6 @@ def _run(trainer_cls, config_cls, tokenizer, tmp_path, trainer_kwargs=None, **co
     return trainer, logs, recorder.steps, params
 
 
-def _assert_same(fast, stock):
-    _, f_logs, f_grads, f_params = fast
-    _, s_logs, s_grads, s_params = stock
-    assert len(f_logs) == len(s_logs) == 2 and len(f_grads) == len(s_grads) == 2
-    for f, s in zip(f_logs, s_logs):
-        assert set(s) <= set(f), sorted(set(s) - set(f))
-        for key, value in s.items():
-            if key in ("epoch", "step", "learning_rate", "grad_norm"):
-                continue
-            assert math.isclose(f[key], value, rel_tol=2e-5, abs_tol=2e-6), (key, f[key], value)
-    for fg, sg in zip(f_grads, s_grads):
-        assert fg.keys() == sg.keys()
-        for name in sg:
-            if sg[name].norm() > 1e-10:
-                assert _rel(fg[name], sg[name]) < 1e-4, (name, _rel(fg[name], sg[name]))
-    for name in s_params:
-        torch.testing.assert_close(f_params[name], s_params[name], atol=1e-6, rtol=0, msg=name)
-
-
 @pytest.mark.parametrize("config", [
     {"loss_type": "sigmoid"},
     {"loss_type": "sigmoid", "label_smoothing": 0.1, "cpo_alpha": 0.5},
@@ -80,7 +61,7 @@ def _assert_same(fast, stock):
 def test_cpo_trainer_matches_stock(config, tokenizer, tmp_path):
     stock = _run(CPOTrainer, CPOConfig, tokenizer, tmp_path / "stock", beta=0.5, **config)
     fast = _run(FastPrefCPOTrainer, CPOConfig, tokenizer, tmp_path / "fast", beta=0.5, **config)
-    _assert_same(fast, stock)
+    assert_same_logged_training(fast, stock)
     assert is_patched(find_causal_lm(fast[0].model))
     assert {"logits/chosen", "nll_loss", "rewards/margins"} <= set(fast[1][0])
 
@@ -88,7 +69,7 @@ def test_cpo_trainer_matches_stock(config, tokenizer, tmp_path):
 def test_orpo_trainer_matches_stock(tokenizer, tmp_path):
     stock = _run(ORPOTrainer, ORPOConfig, tokenizer, tmp_path / "stock", beta=0.3)
     fast = _run(FastPrefORPOTrainer, ORPOConfig, tokenizer, tmp_path / "fast", beta=0.3)
-    _assert_same(fast, stock)
+    assert_same_logged_training(fast, stock)
     assert {"log_odds_ratio", "log_odds_chosen", "nll_loss", "logits/rejected"} <= set(fast[1][0])
 
 

@@ -23,14 +23,12 @@ from test_integration_trl import (  # noqa: E402,F401
     CHECKPOINTING,
     GradRecorder,
     _model,
-    _rel,
     _rows,
     _Snapshots,
     assert_overflowing_second_step_is_skipped,
+    assert_same_logged_training,
     tokenizer,
 )
-
-SKIP = ("epoch", "step", "learning_rate", "grad_norm")
 
 
 def _unpaired(n=6, seed=0):
@@ -70,24 +68,6 @@ def _run(cls, tokenizer, tmp_path, *, ref=True, peft=False, trainer_kwargs=None,
     return trainer, logs, recorder.steps, params
 
 
-def _assert_same(fast, stock):
-    _, f_logs, f_grads, f_params = fast
-    _, s_logs, s_grads, s_params = stock
-    assert len(f_logs) == len(s_logs) == 2 and len(f_grads) == len(s_grads) == 2
-    for f, s in zip(f_logs, s_logs):
-        assert set(s) <= set(f), sorted(set(s) - set(f))
-        for key, value in s.items():
-            if key not in SKIP:
-                assert math.isclose(f[key], value, rel_tol=2e-5, abs_tol=2e-6), (key, f[key], value)
-    for fg, sg in zip(f_grads, s_grads):
-        assert fg.keys() == sg.keys()
-        for name in sg:
-            if sg[name].norm() > 1e-10:
-                assert _rel(fg[name], sg[name]) < 1e-4, (name, _rel(fg[name], sg[name]))
-    for name in s_params:
-        torch.testing.assert_close(f_params[name], s_params[name], atol=1e-6, rtol=0, msg=name)
-
-
 @pytest.mark.parametrize("config", [
     {"loss_type": "kto"},
     {"loss_type": "kto", "desirable_weight": 1.3, "undesirable_weight": 0.7, "beta": 0.5},
@@ -100,7 +80,7 @@ def test_kto_trainer_matches_stock(config, tokenizer, tmp_path):
         pytest.importorskip("peft")
     stock = _run(KTOTrainer, tokenizer, tmp_path / "stock", **config)
     fast = _run(FastPrefKTOTrainer, tokenizer, tmp_path / "fast", **config)
-    _assert_same(fast, stock)
+    assert_same_logged_training(fast, stock)
     assert is_patched(find_causal_lm(fast[0].model))
     assert {"kl", "entropy", "logits/chosen", "rewards/margins"} <= set(fast[1][0])
 
@@ -108,7 +88,7 @@ def test_kto_trainer_matches_stock(config, tokenizer, tmp_path):
 def test_kto_padding_free_matches_stock_padded(tokenizer, tmp_path):
     stock = _run(KTOTrainer, tokenizer, tmp_path / "stock")
     fast = _run(FastPrefKTOTrainer, tokenizer, tmp_path / "fast", trainer_kwargs={"padding_free": True})
-    _assert_same(fast, stock)
+    assert_same_logged_training(fast, stock)
     batch = next(iter(fast[0].get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and batch["KL_input_ids"].shape[0] == 1
 

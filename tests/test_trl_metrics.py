@@ -16,24 +16,21 @@ pytest.importorskip("trl")
 from trl import DPOTrainer  # noqa: E402
 
 from fastpref.trainers import FastPrefDPOTrainer  # noqa: E402
-from test_integration_trl import _assert_same_training, _both, _config, _dataset, _model, tokenizer  # noqa: E402,F401
+from test_integration_trl import (  # noqa: E402,F401
+    _assert_same_training,
+    _both,
+    _config,
+    _dataset,
+    _model,
+    assert_same_logs,
+    tokenizer,
+)
 
 TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
 
 
 def _logs(trainer):
     return [e for e in trainer.state.log_history if "loss" in e]
-
-
-def _assert_same_logs(fast_logs, stock_logs):
-    assert len(fast_logs) == len(stock_logs) > 0
-    for f, s in zip(fast_logs, stock_logs):
-        missing = set(s) - set(f)
-        assert not missing, f"stock logs {sorted(missing)}, FastPrefDPOTrainer does not"
-        for key, value in s.items():
-            if key in ("epoch", "step", "learning_rate", "grad_norm"):
-                continue
-            assert math.isclose(f[key], value, rel_tol=1e-4, abs_tol=1e-5), (key, f[key], value)
 
 
 @pytest.mark.parametrize("extra", [
@@ -45,7 +42,7 @@ def _assert_same_logs(fast_logs, stock_logs):
 def test_logs_everything_stock_logs(extra, tokenizer, tmp_path):
     fast, stock = _both(tokenizer, tmp_path, beta=0.5, **extra)
     _assert_same_training(fast, stock)
-    _assert_same_logs(_logs(fast[0]), _logs(stock[0]))
+    assert_same_logs(_logs(fast[0]), _logs(stock[0]), rel_tol=1e-4, abs_tol=1e-5)
     for key in TOKEN_METRICS:
         assert key in _logs(fast[0])[0]
 

@@ -101,6 +101,14 @@ class Checker:
             x = self.fail_if(x, ~torch.isfinite(x).all(), f"`{name}` holds non-finite values (nan or inf)")
         return self.fail_if(x, ~(x > 0).all(), f"`{name}` must be positive (a scored response has at least one token)")
 
+    def pairs_with_lengths(self, chosen_logps, rejected_logps, chosen_lengths, rejected_lengths) -> tuple:
+        """``(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)`` of a length-aware pair loss (SimPO,
+        CPO, ORPO): :meth:`floats` and :meth:`lengths`, all of the chosen log-probs' length."""
+        cw = self.floats("chosen_logps", chosen_logps)
+        n = cw.numel()
+        return (cw, self.floats("rejected_logps", rejected_logps, n), self.lengths("chosen_lengths", chosen_lengths, n),
+                self.lengths("rejected_lengths", rejected_lengths, n))
+
     def labels(self, name: str, x, n: int) -> torch.Tensor:
         """Binary labels in {0, 1} (bool, integer or floating tensor); returned as bool."""
         x = self._tensor(name, x, n)

@@ -72,11 +72,7 @@ def cpo_loss(
         (0 when ``cpo_alpha = 0``, as TRL logs it).
     """
     ck = Checker("cpo_loss")
-    cw = ck.floats("chosen_logps", chosen_logps)
-    n = cw.numel()
-    cl = ck.floats("rejected_logps", rejected_logps, n)
-    n_w = ck.lengths("chosen_lengths", chosen_lengths, n)
-    n_l = ck.lengths("rejected_lengths", rejected_lengths, n)
+    cw, cl, n_w, n_l = ck.pairs_with_lengths(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     beta = ck.number("beta", beta, gt=0.0)
     ck.choice("loss_type", loss_type, CPO_LOSS_TYPES)
     ls = ck.number("label_smoothing", label_smoothing, ge=0.0, le=1.0)
@@ -86,8 +82,8 @@ def cpo_loss(
     if (nll_logps is None) != (nll_lengths is None):
         raise ck.value_error("`nll_logps` and `nll_lengths` must be given together")
     if nll_logps is not None:
-        nll_logps = ck.floats("nll_logps", nll_logps, n)
-        nll_lengths = ck.lengths("nll_lengths", nll_lengths, n)
+        nll_logps = ck.floats("nll_logps", nll_logps, cw.numel())
+        nll_lengths = ck.lengths("nll_lengths", nll_lengths, cw.numel())
     cw, cl = ck.cast(cw), ck.cast(cl)
     fw, fl = n_w.to(ck.dtype), n_l.to(ck.dtype)
     averaged = loss_type in _AVERAGED

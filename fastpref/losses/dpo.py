@@ -311,11 +311,7 @@ def simpo_loss(
     ``logps/*`` are the **length-averaged** log-probs.
     """
     ck = Checker("simpo_loss")
-    cw = ck.floats("chosen_logps", chosen_logps)
-    n = cw.numel()
-    cl = ck.floats("rejected_logps", rejected_logps, n)
-    n_w = ck.lengths("chosen_lengths", chosen_lengths, n)
-    n_l = ck.lengths("rejected_lengths", rejected_lengths, n)
+    cw, cl, n_w, n_l = ck.pairs_with_lengths(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     beta = ck.number("beta", beta, gt=0.0)
     gamma = ck.number("gamma", gamma, ge=0.0)
     ls = ck.number("label_smoothing", label_smoothing, ge=0.0, le=1.0)

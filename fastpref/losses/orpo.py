@@ -54,18 +54,14 @@ def orpo_loss(
         (mean ``log_odds``).
     """
     ck = Checker("orpo_loss")
-    cw = ck.floats("chosen_logps", chosen_logps)
-    n = cw.numel()
-    cl = ck.floats("rejected_logps", rejected_logps, n)
-    n_w = ck.lengths("chosen_lengths", chosen_lengths, n)
-    n_l = ck.lengths("rejected_lengths", rejected_lengths, n)
+    cw, cl, n_w, n_l = ck.pairs_with_lengths(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
     beta = ck.number("beta", beta, gt=0.0)
     nll_weight = ck.number("nll_weight", nll_weight, ge=0.0)
     if (nll_logps is None) != (nll_lengths is None):
         raise ck.value_error("`nll_logps` and `nll_lengths` must be given together")
     if nll_logps is not None:
-        nll_logps = ck.floats("nll_logps", nll_logps, n)
-        nll_lengths = ck.lengths("nll_lengths", nll_lengths, n)
+        nll_logps = ck.floats("nll_logps", nll_logps, cw.numel())
+        nll_lengths = ck.lengths("nll_lengths", nll_lengths, cw.numel())
     cw = ck.nonpositive("chosen_logps", cw, "log-probs")
     cl = ck.nonpositive("rejected_logps", cl, "log-probs")
     cw, cl = ck.cast(cw), ck.cast(cl)
