@@ -10,6 +10,7 @@ are compared end to end.
 from __future__ import annotations
 
 import types
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +18,10 @@ import torch
 
 pytest.importorskip("trl")
 
-from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402
-from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # noqa: E402
+with warnings.catch_warnings():  # TRL warns on every first import of trl.experimental
+    warnings.simplefilter("ignore")
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer  # noqa: E402
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # noqa: E402
 
 import fastpref  # noqa: E402
 from fastpref.losses.functional import CPO_LOSS_TYPES, cpo_loss, dpo_loss, nll_loss, orpo_loss  # noqa: E402
