@@ -69,12 +69,13 @@ def _safe(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == NEG_INF, torch.zeros_like(m), m)
 
 
-def rescaled(part: Partials, new_max: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor],
-                                                              Optional[torch.Tensor]]:
+def rescaled(part: Partials, new_max: torch.Tensor, safe: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """``(sum, t1, t2)`` of ``part`` made relative to ``new_max >= part.max`` (``t1``/``t2`` None without
     statistics): ``sum e^(z - M) = e^(m - M) sum``, ``sum e^(z - M) (z - M) = e^(m - M) (t1 + sum (m - M))``,
-    ``sum e^(2 (z - M)) = e^(2 (m - M)) t2``; an empty part (``m = -inf``) stays 0."""
-    safe = _safe(new_max)
+    ``sum e^(2 (z - M)) = e^(2 (m - M)) t2``; an empty part (``m = -inf``) stays 0. ``safe``: ``new_max`` with
+    ``-inf`` as 0, when the caller already has it (a merge rescales two parts to one maximum)."""
+    safe = _safe(new_max) if safe is None else safe
     f = torch.exp(part.max - safe)
     total = f * part.sum
     if part.t1 is None:
@@ -86,7 +87,8 @@ def rescaled(part: Partials, new_max: torch.Tensor) -> tuple[torch.Tensor, Optio
 def merge(run: Partials, part: Partials) -> Partials:
     """Fold ``part [P, M]`` into the running ``run [M]`` exactly (rescaled to the new maximum)."""
     new_max = torch.maximum(run.max, part.max.amax(dim=0))
-    (s_run, t1_run, t2_run), (s_part, t1_part, t2_part) = rescaled(run, new_max), rescaled(part, new_max)
+    safe = _safe(new_max)
+    (s_run, t1_run, t2_run), (s_part, t1_part, t2_part) = rescaled(run, new_max, safe), rescaled(part, new_max, safe)
     total = s_run + s_part.sum(dim=0)
     if run.t1 is None:
         return Partials(new_max, total)
